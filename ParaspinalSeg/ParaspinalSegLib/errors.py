@@ -1,0 +1,54 @@
+"""The library's exception classes.
+
+Every error the library raises on purpose derives from :class:`ParaspinalSegError`, so callers (the
+Slicer module, the command line) can show its message as it is and treat anything else as a bug.
+The classes also derive from the matching built-in exception (``ValueError``, ``ImportError``) so
+ordinary ``except ValueError`` code keeps working.
+
+This module imports nothing heavy: the Slicer module imports it in a Python without torch.
+"""
+
+from __future__ import annotations
+
+#: The torch version the project is developed and tested with (CPU wheel).
+TORCH_VERSION_HINT = "2.13.0"
+
+TORCH_INSTALL_HINT = (
+    "PyTorch is needed to run the segmentation network. "
+    "In 3D Slicer, install the 'PyTorch' extension (Extensions Manager) and use its installer "
+    "(PyTorch Utils module), then restart Slicer. "
+    f"Outside Slicer: pip install torch=={TORCH_VERSION_HINT} "
+    "--index-url https://download.pytorch.org/whl/cpu (CPU build)."
+)
+
+
+class ParaspinalSegError(Exception):
+    """Base class of every error ParaspinalSeg raises on purpose (its message is meant for users)."""
+
+
+class InputError(ParaspinalSegError, ValueError):
+    """The image or geometry given to the library cannot be processed (empty, NaN, wrong shape, ...)."""
+
+
+class NonAxialSliceError(InputError):
+    """The slice is not (close to) axial: its normal is not closest to the patient's S axis."""
+
+
+class WeightsError(ParaspinalSegError, ValueError):
+    """A weights file or its JSON config is missing, corrupt, tampered with or does not fit the code."""
+
+
+class TorchMissingError(ParaspinalSegError, ImportError):
+    """PyTorch is not installed; the message says how to install it."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or TORCH_INSTALL_HINT)
+
+
+def import_torch():
+    """Import and return ``torch``, raising :class:`TorchMissingError` with an install hint if absent."""
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover - torch is installed in the development env
+        raise TorchMissingError(f"{TORCH_INSTALL_HINT} (import failed: {exc})") from exc
+    return torch

@@ -1,0 +1,396 @@
+"""Slice orientation, resampling to the model grid and the exact way back (numpy/scipy only).
+
+Synthetic slices are drawn from a phantom defined in patient RAS millimetres, so every check has
+a known answer: the marker on the patient's LEFT (RAS x < 0) must end up in the right half of the
+canonical columns (radiological view), anterior structures in the top rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ParaspinalSegLib.errors import InputError
+from ParaspinalSegLib.preprocessing import (
+    CanonicalOrientation,
+    ModelInput,
+    NonAxialSliceError,
+    NormalisationConfig,
+    from_canonical,
+    canonical_orientation,
+    normalise_intensity,
+    pixel_spacing,
+    prepare_slice,
+    resample_grid,
+    slice_geometry_from_nifti_affine,
+    slice_geometry_from_volume,
+    to_canonical,
+)
+from ParaspinalSegLib.boxes import box_from_mask, normalised_box
+
+# Phantom label values.
+BODY, LEFT_MARKER, ANTERIOR, POST_RIGHT = 1, 2, 3, 4
+
+
+def phantom_labels(x: np.ndarray, y: np.ndarray, half: float) -> np.ndarray:
+    """Labels at RAS (x, y) mm; ``half`` = half the smaller field of view, positions scale with it."""
+    lab = np.zeros(x.shape, dtype=np.uint8)
+    lab[(x / (0.85 * half)) ** 2 + (y / (0.7 * half)) ** 2 <= 1] = BODY
+    lab[(x + 0.45 * half) ** 2 + y**2 <= (0.15 * half) ** 2] = LEFT_MARKER  # patient left: x < 0
+    lab[x**2 + (y - 0.4 * half) ** 2 <= (0.12 * half) ** 2] = ANTERIOR  # anterior: y > 0
+    lab[(x > 0.15 * half) & (x < 0.45 * half) & (y > -0.6 * half) & (y < -0.3 * half)] = POST_RIGHT
+    return lab
+
+
+def centred_slice_matrix(d0, d1, shape, z: float = 12.0) -> np.ndarray:
+    """Slice matrix with step vectors d0, d1 (mm) whose field of view is centred on (0, 0, z)."""
+    d0, d1 = np.asarray(d0, float), np.asarray(d1, float)
+    m = np.eye(4)
+    m[:3, 0], m[:3, 1] = d0, d1
+    n = np.cross(d0, d1)
+    m[:3, 2] = n / np.linalg.norm(n) * 3.0
+    m[:3, 3] = np.array([0.0, 0.0, z]) - d0 * (shape[0] - 1) / 2 - d1 * (shape[1] - 1) / 2
+    return m
+
+
+def pixel_ras(m: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    p, q = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    ras = m[:3, 0, None, None] * p + m[:3, 1, None, None] * q + m[:3, 3, None, None]
+    return ras[0], ras[1], ras[2]
+
+
+def synthetic_slice(m: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:
+    """(intensity image, label image) of the phantom on the slice grid."""
+    x, y, _ = pixel_ras(m, shape)
+    ext0 = np.linalg.norm(m[:3, 0]) * shape[0]
+    ext1 = np.linalg.norm(m[:3, 1]) * shape[1]
+    lab = phantom_labels(x, y, min(ext0, ext1) / 2)
+    img = np.array([0.0, 300.0, 900.0, 600.0, 450.0])[lab] + 20.0 * np.sin(x / 9.0)
+    return img, lab
+
+
+def centroid(mask: np.ndarray) -> tuple[float, float]:
+    r, c = np.nonzero(mask)
+    return float(r.mean()), float(c.mean())
+
+
+# ---- matrix variants: (name, slice matrix builder) ------------------------------------------------
+
+S = 1.5  # mm, small images keep the tests fast
+SHAPE = (96, 96)
+
+
+def _lps_identity():
+    # SimpleITK/ITK image with identity direction: i → L, j → P (LPS), so IJK-to-RAS = diag(-s, -s, s).
+    vol = np.diag([-S, -S, 3.0, 1.0])
+    return slice_geometry_from_volume(vol, 0)
+
+
+def _ras_identity():
+    # Volume whose IJK-to-RAS is the identity direction (i → R, j → A), array order arr[k, j, i].
+    vol = np.diag([S, S, 3.0, 1.0])
+    return slice_geometry_from_volume(vol, 0)
+
+
+def _flipped():
+    # i → L but j → A (one axis flipped with respect to LPS).
+    vol = np.diag([-S, S, 3.0, 1.0])
+    return slice_geometry_from_volume(vol, 0)
+
+
+def _transposed():
+    # NIfTI (nibabel) order arr[:, :, k] of an RAS+ affine: axis 0 = i → R, axis 1 = j → A.
+    aff = np.diag([S, S, 3.0, 1.0])
+    return slice_geometry_from_nifti_affine(aff, 0)
+
+
+def _transposed_lps():
+    # Axis 0 → patient left, axis 1 → posterior: transpose only.
+    return slice_geometry_from_nifti_affine(np.diag([-S, -S, 3.0, 1.0]), 0)
+
+
+VARIANTS = {
+    "lps_identity": (_lps_identity, CanonicalOrientation(False, False, False)),
+    "ras_identity": (_ras_identity, CanonicalOrientation(False, True, True)),
+    "flipped": (_flipped, CanonicalOrientation(False, True, False)),
+    "transposed_ras": (_transposed, CanonicalOrientation(True, True, True)),
+    "transposed_lps": (_transposed_lps, CanonicalOrientation(True, False, False)),
+}
+
+
+def _centred(m: np.ndarray, shape) -> np.ndarray:
+    return centred_slice_matrix(m[:3, 0], m[:3, 1], shape)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_canonical_orientation_puts_patient_left_on_viewer_right(name):
+    build, expected = VARIANTS[name]
+    m = _centred(build(), SHAPE)
+    img, lab = synthetic_slice(m, SHAPE)
+    ori = canonical_orientation(m)
+    assert ori == expected
+    can = to_canonical(lab, ori)
+    H, W = can.shape
+    r, c = centroid(can == LEFT_MARKER)
+    assert c > W / 2 + 10, "patient-left marker must be in the right half of the columns"
+    r, c = centroid(can == ANTERIOR)
+    assert r < H / 2 - 10, "anterior structure must be in the top rows"
+    r, c = centroid(can == POST_RIGHT)
+    assert r > H / 2 and c < W / 2, "posterior-right structure must be bottom-left"
+    # from_canonical is the exact inverse, and the canonical matrix points rows → P, columns → L.
+    assert np.array_equal(from_canonical(can, ori), lab)
+    grid = resample_grid(lab.shape, m, ModelInput(spacing_mm=S, size=96))
+    cm = grid.canonical_ijk_to_ras()
+    assert np.allclose(cm[:3, 0], [0, -S, 0]) and np.allclose(cm[:3, 1], [-S, 0, 0])
+    # The canonical matrix maps canonical pixels to the same RAS as the input pixels they came from.
+    x_in, y_in, _ = pixel_ras(m, lab.shape)
+    x_can, y_can, _ = pixel_ras(cm, can.shape)
+    assert np.allclose(to_canonical(x_in, ori), x_can) and np.allclose(to_canonical(y_in, ori), y_can)
+
+
+def test_prepared_image_matches_phantom_in_ras_for_every_variant():
+    """The model image's own geometry (model_ijk_to_ras) places the phantom where it really is."""
+    for name, (build, _) in VARIANTS.items():
+        m = _centred(build(), SHAPE)
+        _, lab = synthetic_slice(m, SHAPE)
+        grid = resample_grid(lab.shape, m, ModelInput(spacing_mm=2.0, size=64))
+        model_lab = grid.to_model(lab, order=0)
+        x, y, _ = pixel_ras(grid.model_ijk_to_ras(), (64, 64))
+        truth = phantom_labels(x, y, S * SHAPE[0] / 2)
+        assert np.mean(model_lab == truth) > 0.97, name
+        # canonical on the model grid too: patient-left marker in the right half.
+        assert centroid(model_lab == LEFT_MARKER)[1] > 32, name
+
+
+def _tilted(deg: float, axis: str) -> np.ndarray:
+    """LPS-identity slice axes rotated by ``deg`` about the R (x) or S (z) axis."""
+    t = math.radians(deg)
+    if axis == "x":
+        rot = np.array([[1, 0, 0], [0, math.cos(t), -math.sin(t)], [0, math.sin(t), math.cos(t)]])
+    else:
+        rot = np.array([[math.cos(t), -math.sin(t), 0], [math.sin(t), math.cos(t), 0], [0, 0, 1]])
+    return centred_slice_matrix(rot @ [0, -S, 0], rot @ [-S, 0, 0], SHAPE)
+
+
+@pytest.mark.parametrize(
+    "m, word",
+    [
+        (centred_slice_matrix([0, -S, 0], [0, 0, -S], SHAPE), "sagittal"),
+        (centred_slice_matrix([0, 0, -S], [-S, 0, 0], SHAPE), "coronal"),
+        (_tilted(45, "x"), "45.0 degrees"),
+    ],
+)
+def test_non_axial_slices_raise(m, word):
+    with pytest.raises(NonAxialSliceError, match=word) as info:
+        canonical_orientation(m)
+    assert isinstance(info.value, ValueError)
+    img, _ = synthetic_slice(m, SHAPE)
+    with pytest.raises(NonAxialSliceError):
+        prepare_slice(img, m)
+
+
+def test_slightly_oblique_slices_are_accepted_and_oriented():
+    for m in (_tilted(10, "x"), _tilted(-10, "x"), _tilted(20, "z")):
+        ori = canonical_orientation(m)
+        assert ori.is_identity
+        _, lab = synthetic_slice(m, SHAPE)
+        can = to_canonical(lab, ori)
+        assert centroid(can == LEFT_MARKER)[1] > SHAPE[1] / 2 + 10
+        assert centroid(can == ANTERIOR)[0] < SHAPE[0] / 2 - 10
+    # The tolerance is configurable.
+    with pytest.raises(NonAxialSliceError):
+        canonical_orientation(_tilted(10, "x"), max_obliquity_deg=5.0)
+
+
+def test_slice_geometry_from_volume_matches_voxel_mapping():
+    rng = np.random.default_rng(0)
+    vol = np.eye(4)
+    vol[:3, :3] = rng.normal(size=(3, 3))
+    vol[:3, 3] = rng.normal(size=3) * 50
+    k = 7
+    m = slice_geometry_from_volume(vol, k)
+    for j, i in [(0, 0), (3, 5), (11, 2)]:
+        # Slicer/SimpleITK array order arr[k, j, i]: slice arr[k] has axis 0 = j, axis 1 = i.
+        assert np.allclose(m @ [j, i, 0, 1], vol @ [i, j, k, 1])
+    m = slice_geometry_from_nifti_affine(vol, k)
+    for i, j in [(0, 0), (3, 5), (11, 2)]:
+        # nibabel order arr[i, j, k]: slice arr[:, :, k] has axis 0 = i, axis 1 = j.
+        assert np.allclose(m @ [i, j, 0, 1], vol @ [i, j, k, 1])
+
+
+def test_simpleitk_slice_is_already_canonical():
+    sitk = pytest.importorskip("SimpleITK")
+    arr = np.zeros((3, 40, 50), dtype=np.float32)
+    arr[1, 20, 40] = 1.0  # large i = patient left in LPS, so it must stay in the right columns
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((0.7, 0.9, 4.0))
+    d = np.array(img.GetDirection()).reshape(3, 3)
+    vol = np.eye(4)
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    vol[:3, :3] = lps_to_ras @ d @ np.diag(img.GetSpacing())
+    vol[:3, 3] = lps_to_ras @ np.array(img.GetOrigin())
+    m = slice_geometry_from_volume(vol, 1)
+    assert canonical_orientation(m).is_identity
+    assert pixel_spacing(m) == pytest.approx((0.9, 0.7))
+
+
+def test_pixel_spacing_non_square():
+    m = centred_slice_matrix([0, -0.6, 0], [-0.9, 0, 0], (320, 448))
+    assert pixel_spacing(m) == pytest.approx((0.6, 0.9))
+
+
+# ---- intensity normalisation -------------------------------------------------------------------
+
+def test_normalisation_is_invariant_to_scale_and_offset():
+    img, _ = synthetic_slice(_centred(_lps_identity(), SHAPE), SHAPE)
+    ref = normalise_intensity(img)
+    assert ref.dtype == np.float32 and ref.min() == 0.0 and ref.max() == 1.0
+    for a, b in [(0.01, -3.0), (37.5, 1000.0), (1.0, -250.0)]:
+        assert np.allclose(normalise_intensity(a * img + b), ref, atol=1e-5)
+    assert not np.all(normalise_intensity(img, 0.0, 50.0) == ref)  # percentiles matter
+    assert np.all(normalise_intensity(np.full((8, 8), 5.0)) == 0)
+    with pytest.raises(InputError):
+        normalise_intensity(np.array([[1.0, np.nan]]))
+
+
+def test_prepare_slice_invariant_to_scale_and_offset_and_configs_round_trip():
+    m = _centred(_ras_identity(), SHAPE)
+    img, _ = synthetic_slice(m, SHAPE)
+    mi = ModelInput(spacing_mm=2.0, size=64)
+    a = prepare_slice(img, m, mi)
+    b = prepare_slice(3.0 * img + 77.0, m, mi.to_dict(), {"method": "percentile", "low": 0.5, "high": 99.5})
+    assert a.image.shape == (64, 64) and a.image.dtype == np.float32
+    assert np.allclose(a.image, b.image, atol=1e-5)
+    cfg = NormalisationConfig(low=1.0, high=99.0)
+    assert NormalisationConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.to_dict() == {"method": "percentile", "low": 1.0, "high": 99.0}
+    assert ModelInput.from_dict(mi.to_dict()) == mi
+    with pytest.raises(ValueError):
+        NormalisationConfig(method="zscore")
+
+
+def test_prepare_slice_rejects_bad_input():
+    m = _centred(_lps_identity(), SHAPE)
+    with pytest.raises(InputError):
+        prepare_slice(np.zeros((2, 3, 4)), m)
+    with pytest.raises(InputError):
+        prepare_slice(np.full(SHAPE, np.nan), m)
+    with pytest.raises(InputError):
+        prepare_slice(np.zeros(SHAPE), np.eye(3))
+
+
+# ---- resampling and the way back --------------------------------------------------------------
+
+def test_identity_round_trip_is_bit_exact():
+    size = 128
+    m = centred_slice_matrix([0, -0.8, 0], [-0.8, 0, 0], (size, size))
+    img, lab = synthetic_slice(m, (size, size))
+    prep = prepare_slice(img, m, ModelInput(spacing_mm=0.8, size=size))
+    grid = prep.grid
+    assert grid.is_identity and grid.spacing_mm == 0.8
+    assert np.array_equal(prep.image, normalise_intensity(img))
+    assert np.array_equal(grid.to_input(prep.image), prep.image)
+    assert np.array_equal(grid.to_input(grid.to_model(lab, order=0), order=0), lab)
+    logits = np.random.default_rng(1).normal(size=(3, size, size)).astype(np.float32)
+    assert np.array_equal(grid.to_input(logits, order=1), logits)
+    assert grid.box_to_input(*normalised_box(10, 20, 30, 50, size, size)) == (10, 20, 30, 50)
+
+
+CASES = [
+    # (name, axis-0 step, axis-1 step, shape): FOV 150 / 450 mm, 192² / 1024², non-square pixels
+    ("fov150_192_lps", [0, -150 / 192, 0], [-150 / 192, 0, 0], (192, 192)),
+    ("fov450_192_ras", [0, 450 / 192, 0], [450 / 192, 0, 0], (192, 192)),
+    ("fov450_1024_nifti", [450 / 1024, 0, 0], [0, 450 / 1024, 0], (1024, 1024)),
+    ("nonsquare_320x448", [0, -0.6, 0], [0.9, 0, 0], (320, 448)),
+    ("nonsquare_transposed_oblique", [-0.9, 0.05, 0.1], [0.02, -0.6, 0.06], (448, 320)),
+]
+
+
+@pytest.mark.parametrize("name, d0, d1, shape", CASES, ids=[c[0] for c in CASES])
+def test_round_trip_returns_the_input_grid(name, d0, d1, shape):
+    m = centred_slice_matrix(d0, d1, shape)
+    img, lab = synthetic_slice(m, shape)
+    mi = ModelInput(spacing_mm=0.8, size=256)
+    prep = prepare_slice(img, m, mi)
+    grid = prep.grid
+    assert prep.image.shape == (256, 256)
+    fov = max(n * s for n, s in zip(grid.canonical_shape, grid.canonical_spacing))
+    assert grid.spacing_mm == pytest.approx(max(0.8, fov / 256))
+    # Whole FOV fits: every structure of the input appears on the model grid.
+    model_lab = grid.to_model(lab, order=0)
+    assert set(np.unique(model_lab)) == set(np.unique(lab))
+
+    # Labels: nearest both ways.
+    back = grid.to_input(model_lab, order=0)
+    assert back.shape == lab.shape and back.dtype == lab.dtype
+    assert np.mean(back == lab) >= 0.99
+    # Probabilities: linear both ways, argmax on the input grid.
+    onehot = (lab[None] == np.arange(5)[:, None, None]).astype(np.float32)
+    probs = grid.to_model(onehot, order=1)
+    back = grid.to_input(probs, order=1).argmax(axis=0)
+    assert back.shape == lab.shape and np.mean(back == lab) >= 0.99
+
+    # A smooth field comes back (away from the FOV border, where edge clamping acts).
+    x, y, _ = pixel_ras(m, shape)
+    smooth = (np.sin(x / 40.0) + np.cos(y / 55.0)).astype(np.float32)
+    back = grid.to_input(grid.to_model(smooth, order=1), order=1)
+    inner = np.zeros(shape, bool)
+    inner[8:-8, 8:-8] = True
+    assert back.shape == shape
+    assert np.abs(back - smooth)[inner].max() < 0.01
+
+    # Padding: model pixels outside the FOV are 0.
+    r, c = grid.model_to_canonical(np.arange(256), np.arange(256))
+    outside = (r < -0.5) | (r > grid.canonical_shape[0] - 0.5)
+    assert np.all(prep.image[outside] == 0)
+
+    # Boxes found on the model image map back onto the input structure: edges within one pixel
+    # (of the coarser of the two grids: half a model pixel is the nearest-neighbour quantisation),
+    # RAS centre within half a voxel.
+    half_voxel = 0.5 * max(grid.spacing_mm, max(pixel_spacing(m))) + 1e-6
+    for v in (LEFT_MARKER, ANTERIOR, POST_RIGHT):
+        b_model = box_from_mask(model_lab == v)
+        nbox = normalised_box(*b_model, 256, 256)
+        p0, q0, p1, q1 = grid.box_to_input(*nbox)
+        t0, u0, t1, u1 = box_from_mask(lab == v)
+        s0, s1 = pixel_spacing(m)
+        assert abs(p0 - t0) <= max(1.0, 0.5 * grid.spacing_mm / s0) + 1e-6, (v, p0, t0)
+        assert abs(p1 - t1) <= max(1.0, 0.5 * grid.spacing_mm / s0) + 1e-6, (v, p1, t1)
+        assert abs(q0 - u0) <= max(1.0, 0.5 * grid.spacing_mm / s1) + 1e-6, (v, q0, u0)
+        assert abs(q1 - u1) <= max(1.0, 0.5 * grid.spacing_mm / s1) + 1e-6, (v, q1, u1)
+        rb = grid.box_to_ras(*nbox)
+        true_centre = (m @ [(t0 + t1) / 2 - 0.5, (u0 + u1) / 2 - 0.5, 0, 1])[:3]
+        assert np.linalg.norm(rb.center_ras - true_centre) <= half_voxel * math.sqrt(2)
+        assert np.all(np.abs(rb.center_ras - true_centre) <= half_voxel)
+        assert rb.size_mm == pytest.approx([(p1 - p0) * s0, (q1 - q0) * s1])
+        assert np.allclose(rb.axes_ras[:, 0], m[:3, 0] / s0) and np.allclose(rb.axes_ras[:, 1], m[:3, 1] / s1)
+        assert np.linalg.det(rb.axes_ras) == pytest.approx(1.0, abs=0.02)
+
+    # The model grid is centred on the field of view: its centre is the input's centre in RAS.
+    model_centre = grid.model_ijk_to_ras() @ [127.5, 127.5, 0, 1]
+    input_centre = m @ [(shape[0] - 1) / 2, (shape[1] - 1) / 2, 0, 1]
+    assert np.allclose(model_centre, input_centre)
+
+
+def test_downsampling_is_antialiased():
+    """Stripes finer than the model grid average out instead of aliasing into false structure."""
+    shape = (512, 512)
+    m = centred_slice_matrix([0, -0.5, 0], [-0.5, 0, 0], shape)
+    stripes = np.tile((np.arange(shape[1]) % 3 == 0).astype(np.float32), (shape[0], 1))
+    grid = resample_grid(shape, m, ModelInput(spacing_mm=0.8, size=128))
+    assert grid.scale == (4.0, 4.0)
+    smooth = grid.to_model(stripes, order=1)[8:-8, 8:-8]
+    aliased = grid.to_model(stripes, order=1, antialias=False)[8:-8, 8:-8]
+    assert abs(smooth.mean() - 1 / 3) < 0.02 and smooth.std() < 0.03
+    assert aliased.std() > 0.2  # without the Gaussian pre-filter the stripes alias
+
+
+def test_to_input_rejects_wrong_shapes():
+    m = _centred(_lps_identity(), SHAPE)
+    grid = resample_grid(SHAPE, m, ModelInput(spacing_mm=2.0, size=64))
+    with pytest.raises(InputError):
+        grid.to_input(np.zeros((3, 32, 32)))
+    with pytest.raises(InputError):
+        grid.to_model(np.zeros((10, 10)))
