@@ -1,0 +1,272 @@
+"""``paraspinalseg measure VOLUME SEGMENTATION [--slice K] [--method auto|otsu|VALUE] --out CSV``.
+
+Measures an existing segmentation (a label image on the volume's grid, or a Slicer ``.seg.nrrd``, e.g. one
+drawn by hand) without running the network, with the same functions the Slicer table uses
+(:func:`measurements.measure_slice`, :func:`measurements.asymmetry`), so manual and automatic
+segmentations are measured the same way. ``cli.py`` calls :func:`register`; :func:`run` does the work.
+
+Slices are ITK slices ``k`` (the third image index, ``arr[k]`` of SimpleITK's array); pixel spacing comes
+from the volume header. A segmentation whose grid differs from the volume's (e.g. a ``.seg.nrrd`` cropped
+to its extent) is resampled onto the volume's grid with nearest-neighbour interpolation.
+Needs SimpleITK and numpy only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from . import anatomy
+from .measurements import asymmetry, measure_slice
+
+CSV_COLUMNS: tuple[str, ...] = (
+    "volume",
+    "segmentation",
+    "slice",
+    "structure_value",
+    "structure",
+    "name",
+    "found",
+    "pixel_count",
+    "csa_mm2",
+    "functional_csa_mm2",
+    "fat_percent",
+    "mean_intensity",
+    "sd_intensity",
+    "threshold",
+    "method",
+)
+
+
+class MeasureError(ValueError):
+    """A problem with the inputs of ``paraspinalseg measure`` (shown to the user without a traceback)."""
+
+
+def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+    """Add the ``measure`` sub-command to ``subparsers``; sets ``func=run`` on the parsed namespace."""
+    p = subparsers.add_parser(
+        "measure",
+        help="measure CSA / fat %% of an existing segmentation (no network)",
+        description="Measure CSA, functional CSA, fat %% and left/right asymmetry of an existing "
+        "segmentation (label image on the volume's grid, or Slicer .seg.nrrd).",
+    )
+    p.add_argument("volume", type=Path, help="image volume (NIfTI, NRRD, anything SimpleITK reads)")
+    p.add_argument("segmentation", type=Path, help="label image (values as in the label table) or .seg.nrrd")
+    p.add_argument("--slice", type=int, default=None, dest="slice",
+                   help="slice index k (ITK index along the third axis); default: every slice with labels")
+    p.add_argument("--method", default="auto",
+                   help="fat threshold: auto (default), otsu, otsu-region, or a number (manual threshold)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="CSV to write (asymmetry goes to <stem>_asymmetry.csv next to it)")
+    p.set_defaults(func=run)
+    return p
+
+
+def _parse_method(text: str) -> Any:
+    t = str(text).strip().lower()
+    if t in ("auto", "otsu", "otsu-region"):
+        return t
+    try:
+        return float(t)
+    except ValueError:
+        raise MeasureError(f"--method must be auto, otsu, otsu-region or a number, not {text!r}") from None
+
+
+def _same_grid(a: Any, b: Any, tol: float = 1e-4) -> bool:
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol)
+    )
+
+
+def _onto_volume(seg: Any, volume: Any) -> Any:
+    """``seg`` on the volume's grid (nearest neighbour; outside the segmentation = 0)."""
+    import SimpleITK as sitk
+
+    if _same_grid(seg, volume):
+        return seg
+    if seg.GetDimension() != volume.GetDimension():
+        raise MeasureError(f"segmentation is {seg.GetDimension()}-D but the volume is {volume.GetDimension()}-D")
+    return sitk.Resample(seg, volume, sitk.Transform(), sitk.sitkNearestNeighbor, 0, seg.GetPixelID())
+
+
+def _segment_metadata(img: Any) -> dict[int, dict[str, str]]:
+    """``{segment index: {"ID":…, "LabelValue":…, "Layer":…, "Name":…}}`` from Slicer's NRRD header keys."""
+    segs: dict[int, dict[str, str]] = {}
+    for key in img.GetMetaDataKeys():
+        if not key.startswith("Segment") or "_" not in key:
+            continue
+        head, field = key.split("_", 1)
+        idx = head[len("Segment"):]
+        if idx.isdigit():
+            segs.setdefault(int(idx), {})[field] = img.GetMetaData(key)
+    return segs
+
+
+def _structure_for_segment(meta: dict[str, str]) -> Optional[anatomy.Structure]:
+    """Anatomy entry of a segment: by ID (the segment IDs the scene writer uses are the keys), else by name."""
+    sid = meta.get("ID", "")
+    if sid in anatomy.BY_KEY:
+        return anatomy.BY_KEY[sid]
+    name = meta.get("Name", "").strip().lower()
+    for st in anatomy.STRUCTURES:
+        if name in (st.name.lower(), st.key):
+            return st
+    return None
+
+
+def read_segmentation(path: Path, volume: Any) -> tuple[np.ndarray, list[str]]:
+    """Label array (k, j, i) on the volume's grid with label-table values, plus notes for the user.
+
+    A ``.seg.nrrd`` (one or more layers; Slicer's ``SegmentN_ID/LabelValue/Layer`` keys) is mapped to
+    label values through :data:`anatomy.BY_KEY`; segments it cannot map are skipped with a note. Any other
+    file is read as a label image whose values already follow the label table.
+    """
+    import SimpleITK as sitk
+
+    notes: list[str] = []
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise MeasureError(f"cannot read segmentation {path}: {exc}") from None
+    segs = _segment_metadata(img) if str(path).lower().endswith(".seg.nrrd") or any(
+        k.startswith("Segment0_") for k in img.GetMetaDataKeys()
+    ) else {}
+    if not segs:
+        if img.GetNumberOfComponentsPerPixel() != 1:
+            raise MeasureError(f"{path}: a multi-component image without Slicer segment metadata")
+        lab = sitk.GetArrayFromImage(_onto_volume(img, volume))
+        return lab.astype(np.int32), notes
+
+    layers = [img] if img.GetNumberOfComponentsPerPixel() == 1 else [
+        sitk.VectorIndexSelectionCast(img, c) for c in range(img.GetNumberOfComponentsPerPixel())
+    ]
+    layer_arrays = [sitk.GetArrayFromImage(_onto_volume(layer, volume)) for layer in layers]
+    out = np.zeros(layer_arrays[0].shape, dtype=np.int32)
+    for idx in sorted(segs):
+        meta = segs[idx]
+        st = _structure_for_segment(meta)
+        if st is None:
+            notes.append(f"segment {meta.get('ID', idx)!r} ({meta.get('Name', '')}) is not one of the nine structures: skipped")
+            continue
+        layer = int(meta.get("Layer", "0") or 0)
+        value = int(meta.get("LabelValue", "1") or 1)
+        if layer >= len(layer_arrays):
+            raise MeasureError(f"{path}: segment {meta.get('ID')} is on layer {layer} but the file has {len(layer_arrays)}")
+        out[layer_arrays[layer] == value] = st.value
+    return out, notes
+
+
+def measure_files(
+    volume_path: Path, segmentation_path: Path, slice_index: Optional[int] = None, method: Any = "auto"
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+    """Measurement rows and asymmetry rows for one volume + segmentation (the work behind ``run``)."""
+    import SimpleITK as sitk
+
+    try:
+        volume = sitk.ReadImage(str(volume_path))
+    except RuntimeError as exc:
+        raise MeasureError(f"cannot read volume {volume_path}: {exc}") from None
+    if volume.GetNumberOfComponentsPerPixel() != 1:
+        raise MeasureError(f"{volume_path}: expected a scalar (grey-level) volume")
+    if volume.GetDimension() == 2:
+        volume = sitk.JoinSeries(volume)
+    if volume.GetDimension() != 3:
+        raise MeasureError(f"{volume_path}: expected a 2-D or 3-D image")
+    labels, notes = read_segmentation(segmentation_path, volume)
+    image = sitk.GetArrayFromImage(volume).astype(np.float64)  # (k, j, i)
+    if labels.ndim == 2:
+        labels = labels[None]
+    if labels.shape != image.shape:
+        raise MeasureError(f"segmentation {labels.shape} and volume {image.shape} differ after resampling")
+    sx, sy = volume.GetSpacing()[:2]
+    spacing = (float(sy), float(sx))  # array axis 0 = j, axis 1 = i
+
+    if slice_index is not None:
+        if not 0 <= slice_index < image.shape[0]:
+            raise MeasureError(f"--slice {slice_index} is outside the volume (0..{image.shape[0] - 1})")
+        ks = [slice_index]
+    else:
+        ks = [k for k in range(image.shape[0]) if np.isin(labels[k], list(anatomy.BY_VALUE)).any()]
+        if not ks:
+            notes.append("the segmentation has none of the nine structures on any slice")
+
+    rows: list[dict[str, Any]] = []
+    asym_rows: list[dict[str, Any]] = []
+    for k in ks:
+        recs = measure_slice(image[k], labels[k], spacing, method)
+        for r in recs:
+            rows.append(
+                {
+                    "volume": str(volume_path),
+                    "segmentation": str(segmentation_path),
+                    "slice": k,
+                    "structure_value": r.value,
+                    "structure": r.key,
+                    "name": r.name,
+                    "found": int(r.found),
+                    "pixel_count": r.pixel_count,
+                    "csa_mm2": r.csa_mm2,
+                    "functional_csa_mm2": r.functional_csa_mm2,
+                    "fat_percent": r.fat_percent,
+                    "mean_intensity": r.mean_intensity,
+                    "sd_intensity": r.sd_intensity,
+                    "threshold": r.threshold,
+                    "method": r.method,
+                }
+            )
+        for a in asymmetry(recs):
+            asym_rows.append({"volume": str(volume_path), "slice": k, **a.to_row()})
+    return rows, asym_rows, notes
+
+
+def _write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        wr = csv.DictWriter(fh, fieldnames=list(columns))
+        wr.writeheader()
+        for row in rows:
+            # None → empty cell: "not found" must not read as 0.
+            wr.writerow({c: ("" if row.get(c) is None else (repr(row[c]) if isinstance(row[c], float) else row[c])) for c in columns})
+
+
+def asymmetry_path(out: Path) -> Path:
+    """Where ``run`` writes the asymmetry rows for measurement CSV ``out``."""
+    return out.with_name(out.stem + "_asymmetry" + (out.suffix or ".csv"))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``measure`` for parsed arguments; returns the process exit status (0 ok, 2 input error)."""
+    try:
+        method = _parse_method(args.method)
+        rows, asym_rows, notes = measure_files(args.volume, args.segmentation, args.slice, method)
+    except MeasureError as exc:
+        print(f"paraspinalseg measure: error: {exc}", file=sys.stderr)
+        return 2
+    for n in notes:
+        print(f"paraspinalseg measure: note: {n}", file=sys.stderr)
+    _write_csv(args.out, rows, CSV_COLUMNS)
+    asym_cols = ["volume", "slice"] + (list(asym_rows[0].keys())[2:] if asym_rows else [])
+    _write_csv(asymmetry_path(args.out), asym_rows, asym_cols)
+    found = sum(1 for r in rows if r["found"])
+    print(f"measured {len(set(r['slice'] for r in rows))} slice(s), {found} structure(s) found → {args.out}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Stand-alone entry point (``python -m ParaspinalSegLib.cli_measure measure …``)."""
+    parser = argparse.ArgumentParser(prog="paraspinalseg")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

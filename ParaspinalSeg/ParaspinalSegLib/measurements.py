@@ -1,0 +1,516 @@
+"""Cross-sectional area (CSA), functional CSA, fat percentage and left/right asymmetry on one slice.
+
+numpy + scipy only (runs in Slicer's Python without torch or scikit-image). The Slicer table, the command
+line's CSV and the validation script all call :func:`measure_slice` and :func:`asymmetry` (one code path).
+
+Definitions (field conventions, see ``shared/notes/model.md`` §5):
+
+* **CSA** = pixel count × pixel area (s0 × s1 mm², so non-square pixels are handled).
+* **Fat %** = pixels brighter than a fat threshold / all pixels of the muscle × 100, the BS-ESNet paper's
+  and Fortin/Battié's definition on T2 images (fat is bright). **Functional CSA** = CSA of the lean pixels.
+  This is an *area fraction of fat-dominated pixels*, not the mean signal fat fraction a Dixon/PDFF map gives
+  (see ``docs/fat-validation.md``).
+
+Threshold methods (recorded with every row):
+
+* ``"auto"`` (default, recorded as ``"auto-gmm"``): **one threshold per slice** from the two intensity
+  populations, lean muscle and fat, in a region around the paraspinal muscles. The muscle masks are dilated
+  by 10 mm (in mm, so anisotropic pixels are handled) to take in epimuscular and subcutaneous fat, pixels of
+  disc/canal/lamina and pixels darker than the muscle's own lower tail (air, cortical bone, fascia) are left
+  out, and a two-component Gaussian mixture is fitted by EM. The threshold is where the posterior of the
+  fat component reaches 0.5 (the Bayes decision boundary). Why: a single muscle's histogram is unimodal when
+  the muscle is lean, so any two-class split *within* it (Otsu, k-means) always finds "fat"; the dilated
+  region always contains real fat, so the fat class is anchored to real fat and a lean muscle stays lean.
+  Mixture models / EM for muscle–fat separation: Positano et al., "Accurate segmentation of subcutaneous and
+  intermuscular adipose tissue from MR images of the thigh", J Magn Reson Imaging 2009;29:677–684 (EM on
+  the intensity histogram); MuscleMap ``mm_extract_metrics -m gmm`` (GMM on T1/T2 muscle images); Ornowski
+  et al., JOR Spine 2024, 10.1002/jsp2.1301 (Gaussian-mixture thresholds vs water–fat MRI in paraspinal
+  muscles, r = 0.70–0.86). EM is initialised from an Otsu split and run in standardised units, so the result
+  is equivariant to intensity scaling and offset: the same slice scaled or offset gives the same fat %.
+  When no two distinct populations can be found (Ashman's D < 2 even with 20 and 40 mm regions), the
+  threshold falls back to the lean muscle's robust mean + 3 robust SD (``"auto-lean+3sd"``) and says so in
+  ``details``.
+* ``"otsu"``: Otsu's threshold (own numpy implementation) of each muscle's own pixels, as in published
+  per-muscle Otsu work; kept for comparison. It always splits a muscle into two classes.
+* ``"otsu-region"``: Otsu on the same region as ``"auto"`` (one threshold per slice).
+* a number: a manual threshold in image intensity units (``"manual"``).
+
+Asymmetry % = 100 · (left − right) / mean(left, right) (signed symmetric percentage difference; positive =
+left larger). Side-to-side differences of multifidus and erector spinae CSA are what spine studies report
+(e.g. Niemeläinen, Briand, Battié, Spine 2011;36:2152; Fortin, Yuan, Battié, Phys Ther 2013;93:1540);
+some use (larger − smaller)/larger instead, which is derivable from the left/right values kept in each record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import numpy as np
+from scipy import ndimage
+
+from . import anatomy
+
+Method = Union[str, float, int]
+
+#: Label values whose surroundings define the fat/lean populations for the automatic threshold.
+PARASPINAL_VALUES: tuple[int, ...] = (6, 7, 8, 9)
+#: Structures that are not lean muscle or fat (disc and CSF are bright on T2): left out of the region.
+NON_MUSCLE_VALUES: tuple[int, ...] = tuple(s.value for s in anatomy.STRUCTURES if not s.is_muscle)
+#: Dilation radii (mm) tried in turn until two distinct populations are found.
+REGION_RADII_MM: tuple[float, ...] = (10.0, 20.0, 40.0)
+#: Ashman's D below which two Gaussians are not regarded as distinct populations.
+MIN_SEPARATION = 2.0
+
+
+@dataclass
+class ThresholdResult:
+    """A fat/lean threshold: pixels with intensity > ``value`` are fat."""
+
+    value: Optional[float]
+    method: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StructureMeasurement:
+    """Measurements of one structure on one slice. ``found=False`` rows carry None instead of numbers."""
+
+    value: int
+    key: str
+    name: str
+    found: bool
+    pixel_count: int
+    csa_mm2: Optional[float]
+    functional_csa_mm2: Optional[float]
+    fat_percent: Optional[float]
+    mean_intensity: Optional[float]
+    sd_intensity: Optional[float]
+    threshold: Optional[float]
+    method: str
+
+    def to_row(self) -> dict[str, Any]:
+        """Flat dict for CSV/table writers (None stays None; writers decide how to show it)."""
+        return asdict(self)
+
+
+@dataclass
+class AsymmetryRecord:
+    """Left/right comparison of one muscle pair (or the combined multifidus + erector spinae per side)."""
+
+    key: str
+    name: str
+    left_values: tuple[int, ...]
+    right_values: tuple[int, ...]
+    found: bool
+    left_csa_mm2: Optional[float]
+    right_csa_mm2: Optional[float]
+    csa_asymmetry_percent: Optional[float]
+    left_functional_csa_mm2: Optional[float]
+    right_functional_csa_mm2: Optional[float]
+    functional_csa_asymmetry_percent: Optional[float]
+    left_fat_percent: Optional[float]
+    right_fat_percent: Optional[float]
+    #: left − right, in percentage points.
+    fat_percent_difference: Optional[float]
+
+    def to_row(self) -> dict[str, Any]:
+        row = asdict(self)
+        row["left_values"] = ";".join(map(str, self.left_values))
+        row["right_values"] = ";".join(map(str, self.right_values))
+        return row
+
+
+# --------------------------------------------------------------------------------------------------------
+# thresholds
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of a 1-D sample (maximum between-class variance on a ``bins`` histogram).
+
+    Bins span [min, max] of the data, so the threshold is equivariant to scaling and offset. Returns the
+    upper edge of the last "low" bin; a constant sample returns its value.
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        raise ValueError("Otsu threshold of an empty sample")
+    lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        return lo
+    hist, edges = np.histogram(v, bins=bins, range=(lo, hi))
+    p = hist.astype(np.float64) / v.size
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    w0 = np.cumsum(p)
+    mu = np.cumsum(p * centres)
+    mu_t = mu[-1]
+    w1 = 1.0 - w0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mu_t * w0 - mu) ** 2 / (w0 * w1)
+    between[~np.isfinite(between)] = -1.0
+    k = int(np.argmax(between[:-1]))  # the last bin would put everything in the low class
+    return float(edges[k + 1])
+
+
+@dataclass
+class GaussianMixture2:
+    """Two 1-D Gaussians, component 0 darker (lean muscle), component 1 brighter (fat)."""
+
+    weights: np.ndarray
+    means: np.ndarray
+    sds: np.ndarray
+    iterations: int
+    converged: bool
+
+    @property
+    def separation(self) -> float:
+        """Ashman's D = √2·|μ1 − μ0| / √(σ0² + σ1²); D > 2 means clearly separated populations."""
+        return float(np.sqrt(2.0) * abs(self.means[1] - self.means[0]) / np.sqrt(np.sum(self.sds**2)))
+
+    def decision_boundary(self) -> Optional[float]:
+        """Intensity above the lean mean where the fat posterior reaches 0.5 (None if it never does)."""
+        (w0, w1), (m0, m1), (s0, s1) = self.weights, self.means, self.sds
+        # w0 N(x; m0, s0) = w1 N(x; m1, s1)  ⇔  a x² + b x + c = 0 (log form)
+        a = 1.0 / (2 * s1**2) - 1.0 / (2 * s0**2)
+        b = m0 / s0**2 - m1 / s1**2
+        c = m1**2 / (2 * s1**2) - m0**2 / (2 * s0**2) + np.log((w0 * s1) / (w1 * s0))
+        if abs(a) < 1e-12 * max(abs(b), 1e-300):
+            roots = [-c / b] if b != 0 else []
+        else:
+            disc = b * b - 4 * a * c
+            if disc < 0:
+                return None
+            sq = np.sqrt(disc)
+            roots = [(-b - sq) / (2 * a), (-b + sq) / (2 * a)]
+        # The boundary we want lies above the lean mean; the smallest such root is the lean→fat crossing.
+        above = sorted(r for r in roots if np.isfinite(r) and r >= m0)
+        return float(above[0]) if above else None
+
+
+def fit_gaussian_mixture2(values: np.ndarray, max_iter: int = 300, tol: float = 1e-9) -> GaussianMixture2:
+    """Fit a 2-component 1-D Gaussian mixture by EM (own numpy implementation).
+
+    Works in standardised units (median / IQR) and starts from the Otsu split, so the fit is equivariant to
+    intensity scaling and offset. A variance floor of (1e-3 IQR)² keeps noise-free images from collapsing.
+    """
+    x = np.asarray(values, dtype=np.float64).ravel()
+    if x.size < 4:
+        raise ValueError("need at least 4 values for a 2-component mixture")
+    centre = float(np.median(x))
+    q25, q75 = np.percentile(x, [25, 75])
+    scale = float(q75 - q25)
+    if scale <= 0:
+        scale = float(x.max() - x.min()) or 1.0
+    z = (x - centre) / scale
+    var_floor = 1e-6
+    t = otsu_threshold(z)
+    low = z <= t
+    if low.all() or not low.any():
+        low = z <= np.median(z)
+    w = np.array([low.mean(), 1 - low.mean()])
+    m = np.array([z[low].mean(), z[~low].mean()])
+    v = np.maximum(np.array([z[low].var(), z[~low].var()]), var_floor)
+    prev = -np.inf
+    converged = False
+    it = 0
+    for it in range(1, max_iter + 1):
+        # E step (log-domain for stability)
+        logp = np.log(np.maximum(w, 1e-300))[:, None] - 0.5 * np.log(2 * np.pi * v)[:, None] - (
+            (z[None, :] - m[:, None]) ** 2
+        ) / (2 * v[:, None])
+        mx = logp.max(axis=0)
+        logsum = mx + np.log(np.exp(logp - mx).sum(axis=0))
+        r = np.exp(logp - logsum)
+        ll = float(logsum.mean())
+        # M step
+        nk = r.sum(axis=1) + 1e-12
+        w = nk / z.size
+        m = (r @ z) / nk
+        v = np.maximum((r * (z[None, :] - m[:, None]) ** 2).sum(axis=1) / nk, var_floor)
+        if abs(ll - prev) < tol:
+            converged = True
+            break
+        prev = ll
+    order = np.argsort(m)
+    return GaussianMixture2(
+        weights=w[order],
+        means=m[order] * scale + centre,
+        sds=np.sqrt(v[order]) * scale,
+        iterations=it,
+        converged=converged,
+    )
+
+
+def _as_spacing(spacing_mm: Sequence[float]) -> tuple[float, float]:
+    s = tuple(float(x) for x in spacing_mm)
+    if len(s) != 2 or not all(np.isfinite(s)) or min(s) <= 0:
+        raise ValueError(f"spacing_mm must be two positive numbers (mm per pixel along axes 0 and 1), got {spacing_mm!r}")
+    return s  # type: ignore[return-value]
+
+
+def _check_inputs(image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    img = np.asarray(image)
+    lab = np.asarray(labels)
+    if img.ndim != 2 or lab.ndim != 2:
+        raise ValueError(f"image and labels must be 2-D slices, got shapes {img.shape} and {lab.shape}")
+    if img.shape != lab.shape:
+        raise ValueError(f"image {img.shape} and labels {lab.shape} must have the same shape")
+    img = img.astype(np.float64)
+    if not np.isfinite(img).all():
+        raise ValueError("image contains NaN or infinite values")
+    return img, lab
+
+
+def fat_region(
+    labels: np.ndarray, spacing_mm: Sequence[float] = (1.0, 1.0), radius_mm: float = REGION_RADII_MM[0]
+) -> np.ndarray:
+    """Boolean mask of the region the automatic threshold learns from: paraspinal muscles (or, if none,
+    any muscle) dilated by ``radius_mm`` (Euclidean, in mm), minus disc, canal and lamina pixels."""
+    lab = np.asarray(labels)
+    seeds = np.isin(lab, PARASPINAL_VALUES)
+    if not seeds.any():
+        seeds = np.isin(lab, anatomy.MUSCLE_VALUES)
+    if not seeds.any():
+        return np.zeros(lab.shape, dtype=bool)
+    dist = ndimage.distance_transform_edt(~seeds, sampling=_as_spacing(spacing_mm))
+    return (dist <= radius_mm) & ~np.isin(lab, NON_MUSCLE_VALUES)
+
+
+def _robust_lean(muscle_pixels: np.ndarray) -> tuple[float, float, float]:
+    """(median, robust SD from the lower half, lower cutoff) of muscle pixels.
+
+    The lower tail of a muscle is lean even when it holds fat, so the spread is taken from the median
+    down to the 5th percentile (≈ 1.645 SD for a Gaussian)."""
+    med = float(np.median(muscle_pixels))
+    p5 = float(np.percentile(muscle_pixels, 5))
+    sd = (med - p5) / 1.645
+    return med, sd, med - 2.0 * (med - p5)
+
+
+def fat_threshold(
+    image: np.ndarray,
+    labels: np.ndarray,
+    method: Method = "auto",
+    *,
+    spacing_mm: Sequence[float] = (1.0, 1.0),
+    structure: Optional[int] = None,
+) -> ThresholdResult:
+    """Fat/lean threshold for one slice (pixels > ``value`` are fat).
+
+    ``method``: ``"auto"`` (two-population Gaussian mixture in a region around the paraspinal muscles;
+    see the module docstring), ``"otsu"`` (Otsu of the pixels of ``structure``, or of all muscle pixels when
+    ``structure`` is None), ``"otsu-region"`` (Otsu on the auto region) or a number (manual threshold).
+    ``spacing_mm`` (mm per pixel along axes 0 and 1) sets the region size in mm.
+    Returns ``value=None`` with ``details["reason"]`` when there is nothing to threshold.
+    """
+    img, lab = _check_inputs(image, labels)
+    spacing = _as_spacing(spacing_mm)
+
+    if isinstance(method, (int, float, np.integer, np.floating)) and not isinstance(method, bool):
+        return ThresholdResult(float(method), "manual", {})
+    if not isinstance(method, str):
+        raise ValueError(f"unknown fat threshold method {method!r}")
+    name = method.strip().lower()
+    try:  # "350" typed in a field or on the command line
+        return ThresholdResult(float(name), "manual", {})
+    except ValueError:
+        pass
+
+    muscle = np.isin(lab, anatomy.MUSCLE_VALUES)
+    if name == "otsu":
+        mask = lab == structure if structure is not None else muscle
+        if not mask.any():
+            return ThresholdResult(None, "otsu", {"reason": "no pixels"})
+        return ThresholdResult(otsu_threshold(img[mask]), "otsu", {"pixels": int(mask.sum())})
+
+    if name not in ("auto", "auto-gmm", "gmm", "otsu-region"):
+        raise ValueError(f"unknown fat threshold method {method!r}; use 'auto', 'otsu', 'otsu-region' or a number")
+
+    seeds = np.isin(lab, PARASPINAL_VALUES)
+    if not seeds.any():
+        seeds = muscle
+    if not seeds.any():
+        return ThresholdResult(None, "otsu-region" if name == "otsu-region" else "auto-gmm", {"reason": "no muscle"})
+    lean_med, lean_sd, cutoff = _robust_lean(img[seeds])
+
+    details: dict[str, Any] = {"lean_median": lean_med, "lower_cutoff": cutoff}
+    tried: list[dict[str, float]] = []
+    for radius in REGION_RADII_MM:
+        region = fat_region(lab, spacing, radius) & (img >= cutoff)
+        vals = img[region]
+        if name == "otsu-region" and vals.size:
+            return ThresholdResult(otsu_threshold(vals), "otsu-region", {**details, "radius_mm": radius, "pixels": int(vals.size)})
+        if vals.size < 10 or float(vals.max()) <= float(vals.min()):
+            tried.append({"radius_mm": radius, "pixels": int(vals.size)})
+            continue
+        gmm = fit_gaussian_mixture2(vals)
+        boundary = gmm.decision_boundary()
+        info = {
+            "radius_mm": radius,
+            "pixels": int(vals.size),
+            "lean_mean": float(gmm.means[0]),
+            "lean_sd": float(gmm.sds[0]),
+            "fat_mean": float(gmm.means[1]),
+            "fat_sd": float(gmm.sds[1]),
+            "fat_weight": float(gmm.weights[1]),
+            "separation": gmm.separation,
+            "em_iterations": gmm.iterations,
+        }
+        tried.append(info)
+        if gmm.separation >= MIN_SEPARATION and boundary is not None:
+            return ThresholdResult(boundary, "auto-gmm", {**details, **info, "tried": tried})
+    # No distinct fat population near the muscles: do not invent one.
+    value = lean_med + 3.0 * lean_sd
+    return ThresholdResult(
+        value,
+        "auto-lean+3sd",
+        {**details, "tried": tried, "warning": "no distinct fat population around the muscles; "
+         "threshold = lean median + 3 robust SD"},
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# measurements
+
+
+def _resolve_structures(structures: Optional[Iterable[Union[int, str]]]) -> list[anatomy.Structure]:
+    if structures is None:
+        return list(anatomy.STRUCTURES)
+    return [anatomy.structure(s) for s in structures]
+
+
+def measure_slice(
+    image: np.ndarray,
+    labels: np.ndarray,
+    spacing_mm: Sequence[float] = (1.0, 1.0),
+    method: Method = "auto",
+    *,
+    structures: Optional[Iterable[Union[int, str]]] = None,
+) -> list[StructureMeasurement]:
+    """Measure every requested structure (default: all nine) on one slice.
+
+    ``image`` and ``labels`` are 2-D arrays on the same grid; ``spacing_mm = (s0, s1)`` is the pixel size
+    along axes 0 and 1. One row per structure in the order requested; a structure with no pixels gets an
+    explicit ``found=False`` row (None for every number). Fat % and functional CSA are given for the six
+    muscles only. Label 255 (not annotated) is ignored.
+    """
+    img, lab = _check_inputs(image, labels)
+    s0, s1 = _as_spacing(spacing_mm)
+    pixel_area = s0 * s1
+    chosen = _resolve_structures(structures)
+
+    slice_threshold: Optional[ThresholdResult] = None
+    is_otsu = isinstance(method, str) and method.strip().lower() == "otsu"
+    if not is_otsu and any(s.is_muscle for s in chosen):
+        slice_threshold = fat_threshold(img, lab, method, spacing_mm=(s0, s1))
+
+    rows: list[StructureMeasurement] = []
+    for st in chosen:
+        mask = lab == st.value
+        n = int(mask.sum())
+        if n == 0:
+            rows.append(
+                StructureMeasurement(st.value, st.key, st.name, False, 0, None, None, None, None, None, None,
+                                     _method_name(method, slice_threshold))
+            )
+            continue
+        vals = img[mask]
+        threshold: Optional[ThresholdResult] = None
+        fat_pct: Optional[float] = None
+        fcsa: Optional[float] = None
+        if st.is_muscle:
+            threshold = fat_threshold(img, lab, "otsu", structure=st.value) if is_otsu else slice_threshold
+            if threshold is not None and threshold.value is not None:
+                n_fat = int(np.count_nonzero(vals > threshold.value))
+                fat_pct = 100.0 * n_fat / n
+                fcsa = (n - n_fat) * pixel_area
+        rows.append(
+            StructureMeasurement(
+                value=st.value,
+                key=st.key,
+                name=st.name,
+                found=True,
+                pixel_count=n,
+                csa_mm2=n * pixel_area,
+                functional_csa_mm2=fcsa,
+                fat_percent=fat_pct,
+                mean_intensity=float(vals.mean()),
+                sd_intensity=float(vals.std(ddof=1)) if n > 1 else 0.0,
+                threshold=None if threshold is None else threshold.value,
+                method=(threshold.method if threshold is not None else _method_name(method, slice_threshold))
+                if st.is_muscle
+                else "",
+            )
+        )
+    return rows
+
+
+def _method_name(method: Method, result: Optional[ThresholdResult]) -> str:
+    if result is not None:
+        return result.method
+    if isinstance(method, str):
+        try:
+            float(method)
+            return "manual"
+        except ValueError:
+            return method.strip().lower()
+    return "manual"
+
+
+def _pct_diff(left: Optional[float], right: Optional[float]) -> Optional[float]:
+    if left is None or right is None:
+        return None
+    mean = 0.5 * (left + right)
+    return None if mean == 0 else 100.0 * (left - right) / mean
+
+
+def asymmetry(records: Sequence[StructureMeasurement]) -> list[AsymmetryRecord]:
+    """Left/right asymmetry for psoas, multifidus, erector spinae and multifidus + erector spinae per side.
+
+    Asymmetry % = 100·(left − right)/mean(left, right) for CSA and functional CSA; the fat % difference is
+    left − right in points (fat % of the combined group is pixel-weighted). A pair with a side not found
+    gives ``found=False`` and None values.
+    """
+    by_value = {r.value: r for r in records}
+    groups: list[tuple[str, str, tuple[int, ...], tuple[int, ...]]] = []
+    for left, right in anatomy.MUSCLE_PAIRS:
+        st = anatomy.BY_VALUE[left]
+        base = st.key.rsplit("_", 1)[0]
+        groups.append((base, st.name.replace("left ", ""), (left,), (right,)))
+    groups.append(("multifidus_erector_spinae", "multifidus + erector spinae", (6, 8), (7, 9)))
+
+    out: list[AsymmetryRecord] = []
+    for key, name, lvals, rvals in groups:
+        sides = []
+        for vals in (lvals, rvals):
+            recs = [by_value.get(v) for v in vals]
+            if any(r is None or not r.found for r in recs):
+                sides.append(None)
+                continue
+            csa = sum(r.csa_mm2 for r in recs)  # type: ignore[misc]
+            have_fat = all(r.functional_csa_mm2 is not None for r in recs)
+            fcsa = sum(r.functional_csa_mm2 for r in recs) if have_fat else None  # type: ignore[misc]
+            fat = 100.0 * (csa - fcsa) / csa if have_fat and csa > 0 else None
+            sides.append((csa, fcsa, fat))
+        found = all(s is not None for s in sides)
+        L = sides[0] or (None, None, None)
+        R = sides[1] or (None, None, None)
+        out.append(
+            AsymmetryRecord(
+                key=key,
+                name=name,
+                left_values=lvals,
+                right_values=rvals,
+                found=found,
+                left_csa_mm2=L[0],
+                right_csa_mm2=R[0],
+                csa_asymmetry_percent=_pct_diff(L[0], R[0]) if found else None,
+                left_functional_csa_mm2=L[1],
+                right_functional_csa_mm2=R[1],
+                functional_csa_asymmetry_percent=_pct_diff(L[1], R[1]) if found else None,
+                left_fat_percent=L[2],
+                right_fat_percent=R[2],
+                fat_percent_difference=(L[2] - R[2]) if found and L[2] is not None and R[2] is not None else None,
+            )
+        )
+    return out
