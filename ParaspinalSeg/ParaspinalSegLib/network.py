@@ -128,6 +128,11 @@ class NetworkConfig:
                 "NetworkConfig.use_sag=True requires use_bsn=True: the spatial attention gate's query is the "
                 "BSN's detected boxes (use NetworkConfig.unet() for the plain U-Net)"
             )
+        if self.use_sag and self.depth < 4:
+            raise ValueError(
+                "NetworkConfig.use_sag=True requires depth ≥ 4: the gate acts on the decoder's 1/4 level, which "
+                f"a depth-{self.depth} network never decodes"
+            )
         if not isinstance(self.negative_slope, (int, float)) or isinstance(self.negative_slope, bool) or self.negative_slope < 0:
             raise ValueError(f"NetworkConfig.negative_slope must be a number ≥ 0, got {self.negative_slope!r}")
 

@@ -316,6 +316,9 @@ def test_config_validation() -> None:
         NetworkConfig.unet(use_sag=True)
     with pytest.raises(ValueError, match="depth"):
         NetworkConfig(depth=2)
+    with pytest.raises(ValueError, match="requires depth ≥ 4"):
+        NetworkConfig(depth=3)  # the SAG would be built but never applied
+    NetworkConfig.without_sag(depth=3)  # fine without the gate
     with pytest.raises(ValueError, match="base_width"):
         NetworkConfig(base_width=0)
     with pytest.raises(ValueError, match="use_bsn"):

@@ -1,0 +1,289 @@
+"""Segment one axial slice with a loaded BS-ESNet: labels, boxes and confidence on the input's grid.
+
+:class:`SliceSegmenter` loads a model once and can then be called repeatedly (and from several
+threads) without reloading. One call runs::
+
+    validate input → prepare_slice (canonical orientation, model grid, normalisation)
+    → network → softmax over background + the structures the model learned
+    → probabilities mapped back onto the input grid (linear) → argmax → uint8 labels
+    → largest connected component per structure (optional)
+    → boxes (of the final mask, and the BSN detector's) in pixels and RAS, confidence per structure
+
+Torch is imported lazily (``TorchMissingError`` with an install hint if absent), so importing this
+module is cheap and works in a Slicer without PyTorch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+from scipy import ndimage
+
+from .anatomy import BY_VALUE, NUM_CLASSES
+from .errors import InputError, ParaspinalSegError, import_torch
+from .postprocessing import keep_largest_component
+from .preprocessing import (
+    ModelInput,
+    NormalisationConfig,
+    ResampleGrid,
+    prepare_slice,
+    slice_geometry_from_volume,
+)
+from .weights import WeightsConfig, load_weights
+
+#: Smallest slice side accepted (anything smaller is not an MRI slice).
+MIN_SLICE_SIDE = 8
+
+
+@dataclass(frozen=True, eq=False)
+class StructureBox:
+    """A structure's box on the input slice: pixel bounds and the same box in patient RAS (mm)."""
+
+    #: Half-open pixel bounds ``(p0, q0, p1, q1)`` on the input array: rows ``p0..p1-1`` of axis 0,
+    #: columns ``q0..q1-1`` of axis 1 (clipped to the image).
+    pixel: tuple[int, int, int, int]
+    #: RAS (mm) of the box centre, shape (3,).
+    center_ras: np.ndarray
+    #: Extent (mm) along the slice's axis 0 and axis 1, shape (2,).
+    size_mm: np.ndarray
+    #: Columns: unit RAS directions of slice axis 0, axis 1 and the normal, shape (3, 3).
+    axes_ras: np.ndarray
+
+
+@dataclass(eq=False)
+class SliceResult:
+    """Everything one :meth:`SliceSegmenter.segment` call produced (all on the input's pixel grid)."""
+
+    #: uint8 label image, same shape as the input slice (values from ``anatomy``; 0 = background).
+    labels: np.ndarray
+    #: Box of each found structure's final mask (what scene writers and measurements use).
+    boxes: dict[int, StructureBox]
+    #: The BSN detector's box of each found structure, mapped back (empty for a plain U-Net).
+    detector_boxes: dict[int, StructureBox]
+    #: Pixel IoU of detector box and mask box per found structure (agreement check; empty without BSN).
+    box_agreement: dict[int, float]
+    #: Mean of the per-pixel maximum probability inside each found structure.
+    confidence: dict[int, float]
+    #: Learned structures present in ``labels`` / learned structures absent, ascending label values.
+    found: list[int]
+    missing: list[int]
+    #: Label values the model was trained on (others are never segmented).
+    structures_learned: list[int]
+    device: str
+    #: Wall time of the whole call, seconds.
+    seconds: float
+    model_version: str
+    #: Seconds per step: ``prepare``, ``network``, ``map_back``, ``postprocess``.
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mask_boxes(self) -> dict[int, StructureBox]:
+        """Alias of :attr:`boxes` (the boxes of the final label mask)."""
+        return self.boxes
+
+
+def _pixel_box_to_ras(p0: float, q0: float, p1: float, q1: float, m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Edge bounds on the input grid → (centre RAS, size mm along axes 0/1, unit axes as columns)."""
+    s0, s1 = float(np.linalg.norm(m[:3, 0])), float(np.linalg.norm(m[:3, 1]))
+    d0, d1 = m[:3, 0] / s0, m[:3, 1] / s1
+    n = np.cross(d0, d1)
+    n /= np.linalg.norm(n)
+    # Edge coordinate e ↔ centre-index e - 0.5 (pixel p covers [p, p+1), its centre is index p).
+    centre = m @ np.array([(p0 + p1) / 2 - 0.5, (q0 + q1) / 2 - 0.5, 0.0, 1.0])
+    return centre[:3], np.array([(p1 - p0) * s0, (q1 - q0) * s1]), np.stack([d0, d1, n], axis=1)
+
+
+def _box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """IoU of two (p0, q0, p1, q1) boxes."""
+    ip = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iq = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ip * iq
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def validate_slice(a: Any) -> np.ndarray:
+    """Return ``a`` as a real 2-D array, raising :class:`InputError` for what cannot be segmented.
+
+    Refused: not 2-D, too small, not numeric, NaN/infinite values, and an empty slice (all pixels
+    equal, e.g. all zero — nothing to segment, typically a padding slice).
+    """
+    arr = np.asarray(a)
+    if arr.ndim != 2:
+        raise InputError(f"expected a 2-D slice, got an array of shape {arr.shape}")
+    if min(arr.shape) < MIN_SLICE_SIDE:
+        raise InputError(f"slice of shape {arr.shape} is too small to segment (at least {MIN_SLICE_SIDE} pixels a side)")
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise InputError(f"slice must hold real numbers (integer or float), got dtype {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.floating):
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            raise InputError(
+                f"slice contains {int(bad.sum())} NaN or infinite pixel value(s) of {arr.size}; "
+                "fix or mask them before segmenting"
+            )
+    lo, hi = arr.min(), arr.max()
+    if lo == hi:
+        raise InputError(f"slice is empty: every pixel has the value {lo.item()!r} (nothing to segment)")
+    return arr
+
+
+class SliceSegmenter:
+    """Segments single axial slices with one loaded model (loaded once, reused, thread-safe).
+
+    ``weights``: path of a weights ``.json``/``.safetensors`` (``None``: the shipped model).
+    ``device``: ``"cpu"`` (default), ``"cuda"`` (error if unavailable) or ``"auto"``.
+    ``keep_largest``: keep only the largest connected component of each structure.
+    """
+
+    def __init__(
+        self,
+        weights: Union[None, str, Path] = None,
+        device: Any = "cpu",
+        keep_largest: bool = True,
+    ) -> None:
+        model, config = load_weights(weights, device=device)
+        self._init(model, config, keep_largest)
+
+    @classmethod
+    def from_model(cls, model: Any, config: WeightsConfig, keep_largest: bool = True) -> "SliceSegmenter":
+        """Wrap an already built model (e.g. during training/evaluation) with its weights config."""
+        self = cls.__new__(cls)
+        model.eval()
+        self._init(model, config, keep_largest)
+        return self
+
+    def _init(self, model: Any, config: WeightsConfig, keep_largest: bool) -> None:
+        torch = import_torch()
+        self.model = model
+        self.config = config
+        self.keep_largest = bool(keep_largest)
+        self.device = next(model.parameters()).device
+        self.model_input = ModelInput.from_dict(config.model_input)
+        self.normalisation = NormalisationConfig.from_dict(config.normalisation)
+        self.structures_learned = [v for v in config.structures_learned if v in BY_VALUE]
+        num_classes = int(getattr(getattr(model, "config", None), "num_classes", NUM_CLASSES))
+        if num_classes != NUM_CLASSES:
+            raise ParaspinalSegError(f"model predicts {num_classes} classes; ParaspinalSeg's label table has {NUM_CLASSES}")
+        # Output channels kept: background + learned structures. A structure the training data never
+        # labelled has an untrained output channel, so it is left out of the softmax entirely.
+        self._channels = [0] + self.structures_learned
+        self._channel_index = torch.tensor(self._channels, dtype=torch.long, device=self.device)
+        self._channel_values = np.asarray(self._channels, dtype=np.uint8)
+        self._lock = threading.Lock()
+
+    @property
+    def model_version(self) -> str:
+        return self.config.model_version
+
+    # ------------------------------------------------------------------------------------------------
+    def segment(self, slice_array: Any, slice_ijk_to_ras: Any) -> SliceResult:
+        """Segment one slice ``a[p, q]`` whose geometry is the 4×4 ``slice_ijk_to_ras`` matrix.
+
+        Raises :class:`InputError` (a ``ValueError``) for unusable input and
+        :class:`NonAxialSliceError` (an ``InputError``) for a slice that is not axial.
+        """
+        torch = import_torch()
+        t0 = time.perf_counter()
+        arr = validate_slice(slice_array)
+        prepared = prepare_slice(arr, slice_ijk_to_ras, self.model_input, self.normalisation)
+        grid = prepared.grid
+        t1 = time.perf_counter()
+
+        x = torch.from_numpy(prepared.image)[None, None].to(self.device)
+        with self._lock, torch.inference_mode():
+            out = self.model(x)
+            probs_t = torch.softmax(out["logits"][0].index_select(0, self._channel_index).float(), dim=0)
+            probs = probs_t.cpu().numpy()
+            det = out["boxes"][0].float().cpu().numpy() if "boxes" in out else None
+        t2 = time.perf_counter()
+
+        # Probabilities (not labels) go back to the input grid so the argmax is taken at full
+        # resolution: edges follow the interpolated probabilities instead of the model's pixels.
+        probs_in = grid.to_input(probs, order=1)
+        # torch's max gives value and index in one pass, several times faster than numpy's argmax
+        # over the leading axis.
+        max_t, index_t = torch.from_numpy(np.ascontiguousarray(probs_in)).max(dim=0)
+        max_prob = max_t.numpy()
+        labels = self._channel_values[index_t.numpy()]
+        t3 = time.perf_counter()
+
+        if self.keep_largest:
+            labels = _keep_largest_component(labels, self.structures_learned)
+        result = self._describe(labels, max_prob, det, grid)
+        t4 = time.perf_counter()
+        result.timings = {"prepare": t1 - t0, "network": t2 - t1, "map_back": t3 - t2, "postprocess": t4 - t3}
+        result.seconds = t4 - t0
+        return result
+
+    def segment_volume_slice(self, volume_array_kji: Any, volume_ijk_to_ras: Any, k: int) -> SliceResult:
+        """Segment slice ``k`` of a volume array in Slicer/SimpleITK order ``arr[k, j, i]``."""
+        vol = np.asarray(volume_array_kji)
+        if vol.ndim != 3:
+            raise InputError(f"expected a 3-D volume array (k, j, i), got shape {vol.shape}")
+        k = int(k)
+        if not 0 <= k < vol.shape[0]:
+            raise InputError(f"slice index k={k} is outside the volume (0 … {vol.shape[0] - 1})")
+        return self.segment(vol[k], slice_geometry_from_volume(volume_ijk_to_ras, k))
+
+    # ------------------------------------------------------------------------------------------------
+    def _describe(self, labels: np.ndarray, max_prob: np.ndarray, det: Optional[np.ndarray], grid: ResampleGrid) -> SliceResult:
+        m = grid.slice_ijk_to_ras
+        n0, n1 = labels.shape
+        # One pass over the image for all structures' bounding slices and mean confidence.
+        objects = ndimage.find_objects(labels, max_label=NUM_CLASSES - 1)
+        found = [v for v in self.structures_learned if objects[v - 1] is not None]
+        means = ndimage.mean(max_prob, labels=labels, index=found) if found else []
+        confidence = {v: float(c) for v, c in zip(found, np.atleast_1d(means))}
+
+        boxes: dict[int, StructureBox] = {}
+        detector_boxes: dict[int, StructureBox] = {}
+        agreement: dict[int, float] = {}
+        for v in found:
+            sp, sq = objects[v - 1]
+            pix = (int(sp.start), int(sq.start), int(sp.stop), int(sq.stop))
+            boxes[v] = StructureBox(pix, *_pixel_box_to_ras(*pix, m))
+            if det is not None:
+                p0, q0, p1, q1 = grid.box_to_input(*(float(t) for t in det[v - 1]))
+                # RAS from the unclipped box (what the detector said); pixels clipped to the image.
+                rb = grid.box_to_ras(*(float(t) for t in det[v - 1]))
+                dpix = (
+                    int(np.clip(round(p0), 0, n0)),
+                    int(np.clip(round(q0), 0, n1)),
+                    int(np.clip(round(p1), 0, n0)),
+                    int(np.clip(round(q1), 0, n1)),
+                )
+                detector_boxes[v] = StructureBox(dpix, rb.center_ras, rb.size_mm, rb.axes_ras)
+                agreement[v] = _box_iou((p0, q0, p1, q1), pix)
+        return SliceResult(
+            labels=labels,
+            boxes=boxes,
+            detector_boxes=detector_boxes,
+            box_agreement=agreement,
+            confidence=confidence,
+            found=found,
+            missing=[v for v in self.structures_learned if v not in found],
+            structures_learned=list(self.structures_learned),
+            device=str(self.device),
+            seconds=0.0,
+            model_version=self.model_version,
+        )
+
+
+def _keep_largest_component(labels: np.ndarray, values: list[int]) -> np.ndarray:
+    """Largest connected component of each structure (in place); removed pixels become background.
+
+    Each structure is cleaned inside its own bounding box (all its pixels lie there, so the result
+    equals cleaning the whole image), which keeps this cheap on large slices.
+    """
+    objects = ndimage.find_objects(labels, max_label=NUM_CLASSES - 1)
+    for v in values:
+        sl = objects[v - 1]
+        if sl is not None:
+            labels[sl] = keep_largest_component(labels[sl], [v])
+    return labels

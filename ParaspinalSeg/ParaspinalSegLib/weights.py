@@ -1,0 +1,530 @@
+"""Weights format: a ``safetensors`` file of tensors plus a JSON config next to it.
+
+A model is stored as two files with the same stem::
+
+    bsesnet_default.safetensors   the state dict (safetensors: plain tensors, no code, no pickle)
+    bsesnet_default.json          everything needed to rebuild and use it (see ``WeightsConfig``)
+
+The JSON records the architecture (``NetworkConfig.to_dict()``), the model input (pixel spacing,
+size), the intensity normalisation, the label table version the model was trained on, the label
+values the training data annotated (``structures_learned``), a description of the training data,
+metrics, and the SHA-256 of the ``.safetensors`` file. The loader checks the file format and the
+checksum *before* deserialising anything, and never executes code from either file.
+
+``read_weights_config`` needs only the standard library (the Slicer module shows model information
+in a Python without torch); ``save_weights`` and ``load_weights`` import torch lazily.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+from . import __version__ as LIBRARY_VERSION
+from .anatomy import BY_VALUE, LABEL_TABLE_VERSION
+from .errors import ParaspinalSegError, WeightsError, import_torch
+
+#: Value of the JSON ``"format"`` field that marks a ParaspinalSeg weights config.
+FORMAT_NAME = "paraspinalseg-weights"
+#: Version of the JSON layout this code writes; it reads this version and older ones.
+FORMAT_VERSION = 1
+
+#: The model shipped with the extension (may be absent in a development checkout).
+DEFAULT_WEIGHTS = Path(__file__).parents[1] / "Resources/Models/bsesnet_default.json"
+
+PathLike = Union[str, Path]
+
+_REQUIRED_KEYS = (
+    "format",
+    "format_version",
+    "architecture",
+    "model_input",
+    "normalisation",
+    "label_table_version",
+    "structures_learned",
+    "weights_file",
+    "weights_sha256",
+)
+
+# First bytes of files torch.save writes: a zip archive (default since torch 1.6) or a bare pickle.
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTOCOL_BYTE = 0x80
+# safetensors itself refuses JSON headers larger than this.
+_MAX_HEADER_BYTES = 100_000_000
+
+
+@dataclass
+class WeightsConfig:
+    """The JSON config of a weights file, as read from disk (plain data: no torch needed)."""
+
+    architecture: dict[str, Any]
+    model_input: dict[str, Any]
+    normalisation: dict[str, Any]
+    label_table_version: str
+    structures_learned: list[int]
+    weights_file: str
+    weights_sha256: str
+    name: str = ""
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    library_version: str = ""
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+    #: Where the JSON was read from (not stored in the file).
+    json_path: Optional[Path] = None
+
+    @property
+    def weights_path(self) -> Path:
+        """Absolute path of the ``.safetensors`` file (``weights_file`` is relative to the JSON)."""
+        base = self.json_path.parent if self.json_path is not None else Path.cwd()
+        return (base / self.weights_file).resolve()
+
+    @property
+    def model_version(self) -> str:
+        """Short identifier shown to users and written next to results: name plus checksum prefix."""
+        return f"{self.name or 'unnamed'} ({self.weights_sha256[:12]})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON content (without ``json_path``)."""
+        d = dataclasses.asdict(self)
+        d.pop("json_path")
+        return d
+
+    def network_config(self):
+        """The architecture as a ``network.NetworkConfig`` (imports torch via ``network``)."""
+        return _network_config_from_dict(self.architecture, self.json_path)
+
+    def summary(self) -> str:
+        """A few lines describing the model, for the Slicer panel and ``--help`` style output."""
+        learned = ", ".join(BY_VALUE[v].name for v in self.structures_learned if v in BY_VALUE)
+        lines = [
+            f"model {self.model_version}",
+            f"input {self.model_input.get('size')} px at {self.model_input.get('spacing_mm')} mm",
+            f"structures learned: {learned}",
+        ]
+        if self.training.get("description"):
+            lines.append(f"training data: {self.training['description']}")
+        if self.metrics:
+            shown = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in self.metrics.items()
+                              if not isinstance(v, (dict, list)))
+            if shown:
+                lines.append(f"metrics: {shown}")
+        if self.created:
+            lines.append(f"created {self.created} with ParaspinalSeg {self.library_version}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Paths
+
+
+def _paths(path: PathLike) -> tuple[Path, Path]:
+    """(json path, safetensors path) for a path given as ``.json``, ``.safetensors`` or a bare stem."""
+    p = Path(path).expanduser()
+    if p.suffix == ".json":
+        return p, p.with_suffix(".safetensors")
+    if p.suffix in (".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
+        return p.with_suffix(".json"), p
+    return p.with_name(p.name + ".json"), p.with_name(p.name + ".safetensors")
+
+
+def _resolve_default(path: Optional[PathLike]) -> Path:
+    if path is not None:
+        return Path(path)
+    if not DEFAULT_WEIGHTS.is_file():
+        raise WeightsError(
+            f"no shipped weights found at {DEFAULT_WEIGHTS}; pass --weights (or choose a weights file "
+            "in the module panel) with a model trained by `python -m training`"
+        )
+    return DEFAULT_WEIGHTS
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading the config (standard library only)
+
+
+def read_weights_config(path: Optional[PathLike] = None, *, check_label_table: bool = True) -> WeightsConfig:
+    """Read and validate the JSON config of a weights file, without importing torch.
+
+    ``path`` may name the ``.json``, the ``.safetensors`` or the common stem; ``None`` means the
+    shipped model (:data:`DEFAULT_WEIGHTS`). Raises :class:`WeightsError` naming the problem: JSON
+    missing, not valid JSON, not a ParaspinalSeg weights config, fields missing or of the wrong
+    type, a newer format version, or (unless ``check_label_table=False``) a label table version
+    different from this code's.
+    """
+    given = _resolve_default(path)
+    json_path, weights_path = _paths(given)
+    if not json_path.is_file():
+        if given.suffix != ".json" and weights_path.is_file():
+            _refuse_pickle(weights_path)
+            raise WeightsError(
+                f"weights config missing: {json_path} not found next to {weights_path} "
+                "(a model is a .safetensors file plus a .json config with the same name)"
+            )
+        raise WeightsError(f"weights file not found: {given}")
+    try:
+        text = json_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WeightsError(f"weights config {json_path} cannot be read as UTF-8 text: {exc}") from exc
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise WeightsError(f"weights config {json_path} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
+        raise WeightsError(
+            f"{json_path} is not a ParaspinalSeg weights config (expected \"format\": \"{FORMAT_NAME}\")"
+        )
+    missing = [k for k in _REQUIRED_KEYS if k not in raw]
+    if missing:
+        raise WeightsError(f"weights config {json_path} lacks required fields: {', '.join(missing)}")
+    version = raw["format_version"]
+    if not isinstance(version, int) or version < 1:
+        raise WeightsError(f"weights config {json_path}: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise WeightsError(
+            f"weights config {json_path} has format version {version}; this ParaspinalSeg "
+            f"({LIBRARY_VERSION}) reads up to {FORMAT_VERSION}: update ParaspinalSeg"
+        )
+    for key in ("architecture", "model_input", "normalisation"):
+        if not isinstance(raw[key], dict):
+            raise WeightsError(f"weights config {json_path}: \"{key}\" must be a JSON object")
+    for key in ("training", "metrics"):
+        if key in raw and not isinstance(raw[key], dict):
+            raise WeightsError(f"weights config {json_path}: \"{key}\" must be a JSON object")
+    _check_model_input(raw["model_input"], json_path)
+    learned = raw["structures_learned"]
+    if (
+        not isinstance(learned, list)
+        or not learned
+        or not all(isinstance(v, int) and v in BY_VALUE for v in learned)
+    ):
+        raise WeightsError(
+            f"weights config {json_path}: \"structures_learned\" must be a non-empty list of label values "
+            f"{sorted(BY_VALUE)}, got {learned!r}"
+        )
+    sha = raw["weights_sha256"]
+    if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise WeightsError(f"weights config {json_path}: \"weights_sha256\" is not a SHA-256 hex digest")
+    wf = raw["weights_file"]
+    if not isinstance(wf, str) or not wf or Path(wf).name != wf:
+        # A bare file name only: the config may not point anywhere outside its own folder.
+        raise WeightsError(f"weights config {json_path}: \"weights_file\" must be a file name next to the JSON, got {wf!r}")
+    table = str(raw["label_table_version"])
+    if check_label_table and table != LABEL_TABLE_VERSION:
+        raise WeightsError(
+            f"label table version mismatch: weights {json_path.name} were trained with label table "
+            f"version {table}, this ParaspinalSeg uses version {LABEL_TABLE_VERSION}; "
+            "the label values would mean different structures (retrain or use matching weights)"
+        )
+    return WeightsConfig(
+        architecture=raw["architecture"],
+        model_input=raw["model_input"],
+        normalisation=raw["normalisation"],
+        label_table_version=table,
+        structures_learned=sorted(set(learned)),
+        weights_file=wf,
+        weights_sha256=sha,
+        name=str(raw.get("name", json_path.stem)),
+        training=raw.get("training", {}),
+        metrics=raw.get("metrics", {}),
+        created=str(raw.get("created", "")),
+        library_version=str(raw.get("library_version", "")),
+        format=raw["format"],
+        format_version=version,
+        json_path=json_path.resolve(),
+    )
+
+
+def _check_model_input(mi: Mapping[str, Any], json_path: Path) -> None:
+    size, spacing = mi.get("size"), mi.get("spacing_mm")
+    if not isinstance(size, int) or size < 16:
+        raise WeightsError(f"weights config {json_path}: model_input.size must be an integer >= 16, got {size!r}")
+    if not isinstance(spacing, (int, float)) or not math.isfinite(spacing) or spacing <= 0:
+        raise WeightsError(f"weights config {json_path}: model_input.spacing_mm must be a positive number, got {spacing!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checking the tensor file (standard library only: no deserialisation)
+
+
+def _refuse_pickle(path: Path, head: Optional[bytes] = None) -> None:
+    if head is None:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    if head.startswith(_ZIP_MAGIC) or (head[:1] and head[0] == _PICKLE_PROTOCOL_BYTE):
+        raise WeightsError(
+            f"{path} is a PyTorch pickle checkpoint (torch.save), not a safetensors file; ParaspinalSeg "
+            "never loads pickles because they can run code. Convert it with "
+            "`safetensors.torch.save_file(torch.load(f, weights_only=True), ...)` or export it with the trainer"
+        )
+
+
+def check_safetensors_layout(data: bytes, path: PathLike = "<bytes>") -> None:
+    """Check that ``data`` is a complete safetensors file by reading its JSON header only.
+
+    Raises :class:`WeightsError` for a pickle checkpoint, random bytes, an unreadable header, a
+    truncated file or trailing garbage. The header is plain JSON, so reading it runs no code.
+    """
+    path = Path(path)
+    _refuse_pickle(path, data[:8])
+    if len(data) < 8:
+        raise WeightsError(f"{path} is not a safetensors file: it has only {len(data)} bytes (empty or truncated)")
+    n = int.from_bytes(data[:8], "little")
+    if n < 2 or n > _MAX_HEADER_BYTES:
+        raise WeightsError(
+            f"{path} is not a safetensors file: it does not start with a safetensors header "
+            "(another file type, or random/corrupt data)"
+        )
+    if 8 + n > len(data):
+        raise WeightsError(
+            f"{path} is truncated or corrupt: its safetensors header claims {n} bytes "
+            f"but the file has only {len(data)}"
+        )
+    try:
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"{path} is not a safetensors file (corrupt header): {exc}") from exc
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path} is not a safetensors file (corrupt header: not a JSON object)")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, stop = info["data_offsets"]
+            info["dtype"], info["shape"]
+        except (TypeError, KeyError, ValueError) as exc:
+            raise WeightsError(f"{path} is not a safetensors file (corrupt header entry {name!r})") from exc
+        end = max(end, int(stop))
+    expected = 8 + n + end
+    if expected > len(data):
+        raise WeightsError(
+            f"{path} is truncated: its header describes {expected} bytes, the file has only {len(data)} "
+            "(incomplete download or copy?)"
+        )
+    if expected < len(data):
+        raise WeightsError(f"{path} is corrupt: {len(data) - expected} unexpected bytes after the tensor data")
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex SHA-256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def verify_weights_file(config: WeightsConfig) -> bytes:
+    """Read the tensor file of ``config``, check its layout and checksum, and return its bytes."""
+    wpath = config.weights_path
+    if not wpath.is_file():
+        raise WeightsError(f"weights file not found: {wpath} (named in {config.json_path})")
+    data = wpath.read_bytes()
+    check_safetensors_layout(data, wpath)
+    actual = sha256_bytes(data)
+    if actual != config.weights_sha256:
+        raise WeightsError(
+            f"checksum mismatch: {wpath.name} has SHA-256 {actual[:16]}…, its config {config.json_path.name if config.json_path else ''} "
+            f"expects {config.weights_sha256[:16]}…; the file was modified or corrupted (tampered?) — "
+            "re-download or re-export the model"
+        )
+    return data
+
+
+# ----------------------------------------------------------------------------------------------------
+# Saving and loading (torch)
+
+
+def _network_config_from_dict(arch: Mapping[str, Any], where: Optional[Path] = None):
+    from .network import NetworkConfig
+
+    if dataclasses.is_dataclass(NetworkConfig):
+        known = {f.name for f in dataclasses.fields(NetworkConfig)}
+        unknown = sorted(set(arch) - known)
+        if unknown:
+            raise WeightsError(
+                f"unknown architecture keys in {where or 'the weights config'}: {', '.join(unknown)} "
+                "(weights made by a newer or different ParaspinalSeg?)"
+            )
+    try:
+        return NetworkConfig.from_dict(dict(arch))
+    except (TypeError, ValueError, KeyError) as exc:
+        raise WeightsError(f"invalid architecture in {where or 'the weights config'}: {exc}") from exc
+
+
+def resolve_device(device: Any = "cpu"):
+    """``"cpu"``, ``"cuda"`` (error if unavailable), ``"auto"`` (CUDA if available) or a torch.device."""
+    torch = import_torch()
+    if isinstance(device, torch.device):
+        name = device.type
+    else:
+        name = str(device).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ParaspinalSegError(
+                "device 'cuda' was asked for but CUDA is not available (no NVIDIA GPU, or this PyTorch "
+                f"{torch.__version__} is a CPU build); use device 'cpu' or 'auto'"
+            )
+        return torch.device(device if isinstance(device, torch.device) else name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ParaspinalSegError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'auto'")
+
+
+def _as_plain_dict(obj: Any, what: str) -> dict[str, Any]:
+    if obj is None:
+        return {}
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    if hasattr(obj, "to_dict"):
+        return dict(obj.to_dict())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    raise TypeError(f"{what} must be a dict or a dataclass, got {type(obj).__name__}")
+
+
+def _json_safe(obj: Any) -> Any:
+    """Tuples → lists, numpy/torch scalars → Python numbers, so json.dumps accepts the config."""
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 0) == 0:
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def save_weights(
+    model: Any,
+    path: PathLike,
+    *,
+    structures_learned: Sequence[int],
+    model_input: Any = None,
+    normalisation: Any = None,
+    training: Optional[Mapping[str, Any]] = None,
+    metrics: Optional[Mapping[str, Any]] = None,
+    name: Optional[str] = None,
+    architecture: Any = None,
+) -> Path:
+    """Write ``<stem>.safetensors`` and ``<stem>.json`` for ``model``; returns the JSON's path.
+
+    ``path`` may end in ``.json``, ``.safetensors`` or be the bare stem. ``model_input`` and
+    ``normalisation`` are dicts or dataclasses (``preprocessing.ModelInput``,
+    ``preprocessing.NormalisationConfig``; ``None`` = their defaults). The
+    architecture is taken from ``model.config`` unless given. ``structures_learned`` lists the label
+    values the training data annotated (the segmenter reports only these).
+    """
+    import_torch()  # a clear install hint instead of a bare ImportError
+    from safetensors.torch import save as st_save
+
+    from .preprocessing import ModelInput, NormalisationConfig
+
+    if model_input is None:
+        model_input = ModelInput()
+    if normalisation is None:
+        normalisation = NormalisationConfig()
+    json_path, weights_path = _paths(path)
+    if weights_path.suffix != ".safetensors":
+        weights_path = weights_path.with_suffix(".safetensors")
+    arch = architecture if architecture is not None else getattr(model, "config", None)
+    if arch is None:
+        raise ValueError("save_weights: the model has no .config; pass architecture=NetworkConfig(...)")
+    arch_dict = _json_safe(_as_plain_dict(arch, "architecture"))
+    learned = sorted({int(v) for v in structures_learned})
+    if not learned or any(v not in BY_VALUE for v in learned):
+        raise ValueError(f"structures_learned must be label values among {sorted(BY_VALUE)}, got {list(structures_learned)}")
+
+    # Clone so tensors that share storage (tied weights, views) are written independently.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    data = st_save(tensors, metadata={"format": FORMAT_NAME, "label_table_version": LABEL_TABLE_VERSION})
+    config = WeightsConfig(
+        architecture=arch_dict,
+        model_input=_json_safe(_as_plain_dict(model_input, "model_input")),
+        normalisation=_json_safe(_as_plain_dict(normalisation, "normalisation")),
+        label_table_version=LABEL_TABLE_VERSION,
+        structures_learned=learned,
+        weights_file=weights_path.name,
+        weights_sha256=sha256_bytes(data),
+        name=name or json_path.stem,
+        training=_json_safe(dict(training or {})),
+        metrics=_json_safe(dict(metrics or {})),
+        created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        library_version=LIBRARY_VERSION,
+        json_path=json_path.resolve(),
+    )
+    _check_model_input(config.model_input, json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    # Tensors first, config last: a config on disk always describes a complete tensor file.
+    tmp = weights_path.with_name(weights_path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(weights_path)
+    tmp = json_path.with_name(json_path.name + ".tmp")
+    tmp.write_text(json.dumps(config.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    tmp.replace(json_path)
+    return json_path
+
+
+def _describe_mismatch(expected: Mapping[str, Any], loaded: Mapping[str, Any], limit: int = 4) -> str:
+    """Which tensor names are missing, unexpected or of another shape (in the model's own order)."""
+    missing = [k for k in expected if k not in loaded]
+    unexpected = [k for k in loaded if k not in expected]
+    shapes = [
+        f"{k}: file {tuple(loaded[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in loaded and tuple(loaded[k].shape) != tuple(expected[k].shape)
+    ]
+    parts = []
+    for label, items in (("missing in file", missing), ("unexpected in file", unexpected), ("shape differs", shapes)):
+        if items:
+            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+            parts.append(f"{label}: {', '.join(items[:limit])}{more}")
+    return "; ".join(parts)
+
+
+def load_weights(path: Optional[PathLike] = None, device: Any = "cpu"):
+    """Load a model: returns ``(model in eval mode on device, WeightsConfig)``.
+
+    ``path`` names the ``.json``, the ``.safetensors`` or their stem; ``None`` loads the shipped
+    model. Checks, in order: config present and valid, label table version, tensor file present,
+    safetensors layout (not a pickle, not truncated), SHA-256, architecture keys, and that every
+    tensor name and shape matches the architecture. Each failure raises :class:`WeightsError`
+    naming it. Nothing from either file is executed.
+    """
+    config = read_weights_config(path)
+    torch_device = resolve_device(device)
+    data = verify_weights_file(config)
+    net_config = config.network_config()
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    from .network import build_network
+
+    try:
+        state = st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise WeightsError(f"{config.weights_path} is not a readable safetensors file: {exc}") from exc
+    model = build_network(net_config)
+    expected = model.state_dict()
+    problems = _describe_mismatch(expected, state)
+    if problems:
+        raise WeightsError(
+            f"architecture mismatch: {config.weights_path.name} does not fit the architecture in "
+            f"{config.json_path.name if config.json_path else 'its config'} ({problems}); was the "
+            "architecture in the config edited, or the tensors exported from another configuration?"
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # dtype problems and anything _describe_mismatch did not foresee
+        raise WeightsError(f"architecture mismatch: {config.weights_path.name}: {exc}") from exc
+    model.to(torch_device)
+    model.eval()
+    return model, config
