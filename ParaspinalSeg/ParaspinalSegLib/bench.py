@@ -62,8 +62,9 @@ def _peak_rss_child(weights: Path, image_path: Path, matrix_path: Path, device: 
     code = f"""
 import resource, numpy as np, torch
 torch.set_num_threads({threads})
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 from ParaspinalSegLib.segmenter import SliceSegmenter
+# Current (not peak) resident size after the imports: the import peak must not hide the model's growth.
+base = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:"))
 seg = SliceSegmenter({str(weights)!r}, device={device!r})
 seg.segment(np.load({str(image_path)!r}), np.load({str(matrix_path)!r}))
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
@@ -143,7 +144,7 @@ def _print_table(results: dict, threads: int, device: str) -> None:
     for name, r in results.items():
         print(f"{name:10s} " + " ".join(f"{r[c]:13.1f}" for c in cols))
     a, b = results["BS-ESNet"], results["U-Net"]
-    print(f"{'ratio':10s} " + " ".join(f"{a[c] / b[c]:13.2f}" for c in cols))
+    print(f"{'ratio':10s} " + " ".join(f"{a[c] / b[c]:13.2f}" if b[c] else f"{'n/a':>13s}" for c in cols))
     print(results["BS-ESNet"]["input"])
 
 

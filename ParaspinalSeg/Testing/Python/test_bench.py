@@ -1,0 +1,20 @@
+"""The benchmark script runs end to end and reports every figure for both models (no timing asserted)."""
+
+import pytest
+
+pytest.importorskip("torch")
+
+from ParaspinalSegLib import bench
+
+
+def test_bench_reports_both_models(capsys) -> None:
+    results = bench.run(size=96, runs=3, threads=1, base_width=4)
+    assert set(results) == {"BS-ESNet", "U-Net"}
+    for figures in results.values():
+        assert figures["forward_ms"] > 0 and figures["segment_ms"] >= figures["forward_ms"] * 0.5
+        assert figures["parameters_M"] > 0 and figures["gflops"] > 0 and figures["peak_rss_mib"] >= 0
+    # BS-ESNet = U-Net + BSN + SAG: strictly more parameters and FLOPs at the same width.
+    assert results["BS-ESNet"]["parameters_M"] > results["U-Net"]["parameters_M"]
+    assert results["BS-ESNet"]["gflops"] > results["U-Net"]["gflops"]
+    bench._print_table(results, 1, "cpu")
+    assert "ratio" in capsys.readouterr().out
