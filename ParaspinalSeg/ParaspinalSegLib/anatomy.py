@@ -28,17 +28,20 @@ ANATOMICAL_STRUCTURE: Code = ("SCT", "123037004", "Anatomical Structure")
 LEFT: Code = ("SCT", "7771000", "Left")
 RIGHT: Code = ("SCT", "24028007", "Right")
 
-# Sources of the type codes (Slicer's own terminology files do not have all of them):
-# - Intervertebral disc 360499006: TotalSegmentator's totalsegmentator_snomed_mapping.csv
-#   (lassoan/SlicerTotalSegmentator, Resources/).
-# - Spinal canal 61627007 and lamina 42575006: see the comment next to each entry below.
+# Sources of the type codes (Slicer's own terminology files do not have all of them; details and links in
+# Resources/TERMINOLOGY.md):
+# - Intervertebral disc 360499006: the TotalSegmentator Python package (ADDITIONAL_SNOMED_TYPES["intervertebral_discs"]).
+# - Spinal canal 61853006 "Spinal canal structure": AAPM TG-263 "SpinalCanal" as mapped in HL7's mCODE
+#   implementation guide (HL7/fhir-mCODE-ig, input/fsh/CM_TG263.fsh).
+# - Lamina 277423002: UBERON:0004662 "vertebral lamina" cross-reference SCTID:277423002 (one source only;
+#   worth confirming in a SNOMED CT browser).
 # - Psoas major 64038003: SegmentationCategoryTypeModifier-TotalSegmentator.term.json.
 # - Multifidus 5709001 "Multifidus muscles": HL7 FHIR body-site value set (SNOMED CT body structure),
 #   as listed in Boxfusion Health's FHIR RefListBodySite enum (public GitHub source).
 # - Erector spinae 44947003: DICOM master list (Slicer's SegmentationCategoryTypeModifier-DICOM-Master.term.json).
 DISC_CODE: Code = ("SCT", "360499006", "Intervertebral disc")
-SPINAL_CANAL_CODE: Code = ("SCT", "61627007", "Vertebral canal")  # SNOMED CT "Vertebral canal structure"
-LAMINA_CODE: Code = ("SCT", "42575006", "Lamina of vertebra")  # SNOMED CT "Structure of lamina of vertebra"
+SPINAL_CANAL_CODE: Code = ("SCT", "61853006", "Spinal canal")
+LAMINA_CODE: Code = ("SCT", "277423002", "Lamina of vertebra")
 PSOAS_MAJOR_CODE: Code = ("SCT", "64038003", "Psoas major muscle")
 MULTIFIDUS_CODE: Code = ("SCT", "5709001", "Multifidus muscle")
 ERECTOR_SPINAE_CODE: Code = ("SCT", "44947003", "Erector spinae muscle")

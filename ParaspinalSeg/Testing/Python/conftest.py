@@ -1,0 +1,101 @@
+"""Shared pytest fixtures for tests that need a real MRML scene (PyPI ``slicer-core``, no Slicer GUI).
+
+Only MRML fixtures live here; tests that do not use them are unaffected (``slicer`` is imported
+lazily and a missing slicer-core skips only the tests that ask for a scene).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def mrml_headless(tmp_path) -> Iterator[tuple[Any, Any]]:
+    """``(scene, app_logic)``: a fresh headless MRML scene per test.
+
+    ``slicer.mrmlScene``/``slicer.modules`` point at it during the test (for ``slicer.util`` helpers)
+    and are put back afterwards, so tests never see each other's scenes.
+    """
+    pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
+    from ParaspinalSegLib import headless
+
+    scene, app_logic = headless.create_headless_scene(cache_dir=tmp_path / "mrml-cache")
+    restore = headless.install_slicer_shims(scene, app_logic)
+    try:
+        yield scene, app_logic
+    finally:
+        restore()
+        scene.Clear(True)
+
+
+@pytest.fixture
+def mrml_scene(mrml_headless) -> Any:
+    """A fresh headless ``vtkMRMLScene`` per test (see ``mrml_headless``)."""
+    return mrml_headless[0]
+
+
+def _ijk_to_ras(directions: np.ndarray, spacing: Sequence[float], origin: Sequence[float]) -> np.ndarray:
+    m = np.eye(4)
+    m[:3, :3] = np.asarray(directions, float) * np.asarray(spacing, float)
+    m[:3, 3] = origin
+    return m
+
+
+@pytest.fixture
+def make_volume() -> Callable[..., Any]:
+    """Factory: ``make_volume(scene, shape=(K, J, I), directions=3x3, spacing=(si, sj, sk), origin=None,
+    name="T2", array=None, components=1)`` → a scalar volume node in the scene.
+
+    ``origin=None`` centres the volume on RAS (0, 0, 0). ``array`` (K, J, I) sets the voxels (random
+    int16 otherwise). ``components=3`` makes an RGB-like vector volume for negative tests.
+    """
+
+    def factory(
+        scene,
+        shape: Sequence[int] = (4, 24, 28),
+        directions: Any = ((-1, 0, 0), (0, -1, 0), (0, 0, 1)),
+        spacing: Sequence[float] = (0.8, 0.7, 4.0),
+        origin: Any = None,
+        name: str = "T2",
+        array: Any = None,
+        components: int = 1,
+    ):
+        import vtk
+        from vtk.util import numpy_support
+
+        k, j, i = (int(v) for v in shape)
+        directions = np.asarray(directions, float)
+        if origin is None:
+            centre_offset = directions * np.asarray(spacing, float) @ (np.array([i, j, k], float) - 1) / 2
+            origin = -centre_offset
+        m = _ijk_to_ras(directions, spacing, origin)
+        class_name = "vtkMRMLScalarVolumeNode" if components == 1 else "vtkMRMLVectorVolumeNode"
+        node = scene.AddNewNodeByClass(class_name, name)
+        image = vtk.vtkImageData()
+        image.SetDimensions(i, j, k)
+        image.AllocateScalars(vtk.VTK_SHORT, components)
+        if array is None:
+            array = np.random.default_rng(0).integers(0, 500, size=(k, j, i, components) if components > 1 else (k, j, i))
+        values = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+        values[:] = np.asarray(array, dtype=np.int16).reshape(values.shape)
+        node.SetAndObserveImageData(image)
+        node.SetIJKToRASMatrix(vtk_matrix(m))
+        node.CreateDefaultDisplayNodes()
+        return node
+
+    return factory
+
+
+def vtk_matrix(m: np.ndarray):
+    """numpy 4x4 → vtkMatrix4x4."""
+    import vtk
+
+    out = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            out.SetElement(r, c, float(m[r][c]))
+    return out
