@@ -1,0 +1,4 @@
+"""ParaspinalSeg trainer: data, losses, augmentation, the asynchronous schedule, cross-validation, export.
+
+Imports the one network definition from ``ParaspinalSegLib.network``; see ``training/README.md``.
+"""

@@ -1,0 +1,127 @@
+"""Training configuration: one JSON file per experiment (``training/configs/*.json``).
+
+A config names the network preset (``bsesnet``, ``unet``, ``without_sag``, ``without_deep_supervision``)
+plus overrides, the model input grid, the loss weights, the augmentation strengths and the asynchronous
+schedule. Unknown keys raise ``ValueError`` so a typo never silently trains with a default.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+#: Every key a config may hold, with its default. Nested dicts are merged key by key.
+DEFAULTS: dict[str, Any] = {
+    "name": "bsesnet",
+    # Network preset (a NetworkConfig class method) and field overrides (e.g. base_width).
+    "network": {"preset": "bsesnet"},
+    # The model's canonical grid; passed to preprocessing.ModelInput (inference uses the same values).
+    "model_input": {"spacing_mm": 0.8, "size": 256},
+    # Intensity normalisation recorded with the weights (preprocessing.NormalisationConfig).
+    "normalisation": {"method": "percentile", "low": 0.5, "high": 99.5},
+    "epochs": 200,
+    "batch_size": 4,
+    "seed": 0,
+    "deterministic": True,
+    "amp": True,
+    "optimizer": {
+        "lr_esnet": 1e-3,
+        "lr_bsn": 1e-3,
+        "weight_decay": 1e-4,
+        # Polynomial decay of both learning rates over the run: lr * (1 - epoch/epochs) ** poly_power.
+        "poly_power": 0.9,
+        "grad_clip": 12.0,
+    },
+    # The paper's multi-task asynchronous schedule (Sect. 2.2).
+    "schedule": {
+        "joint_epochs": 10,
+        "esnet_epochs_per_cycle": 9,
+        "bsn_epochs_per_cycle": 1,
+        "final_bsn_epochs": 10,
+    },
+    "loss": {
+        # "marginal" (partial-label loss, default) or "ignore"; see training.losses.
+        "partial_label": "marginal",
+        "deep_supervision_weight": 0.5,
+        "prelim_weight": 0.5,
+        "sag_key_weight": 0.5,
+        "box_weight": 5.0,
+    },
+    "augmentation": {
+        "enabled": True,
+        "p_spatial": 0.8,
+        "rotation_deg": 12.0,
+        "scale": [0.85, 1.15],
+        "shift": 0.05,
+        "shear": 0.05,
+        "elastic_px": 3.0,
+        "p_flip": 0.5,
+        "p_intensity": 0.8,
+        "gamma": [0.7, 1.5],
+        "contrast": [0.75, 1.25],
+        "brightness": 0.1,
+        "bias_field": 0.3,
+        "noise_std": 0.03,
+    },
+    # Validation every N epochs (0 = never); the best checkpoint is chosen by validation Dice.
+    "val_every": 5,
+    "checkpoint_every": 1,
+}
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any], where: str) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if key not in base:
+            raise ValueError(f"unknown config key {where}{key!r}; known: {sorted(base)}")
+        if isinstance(base[key], dict) and key != "network":
+            if not isinstance(value, Mapping):
+                raise ValueError(f"config key {where}{key!r} must be an object")
+            out[key] = _merge(base[key], value, f"{where}{key}.")
+        elif key == "network":
+            if not isinstance(value, Mapping):
+                raise ValueError("config key 'network' must be an object")
+            out[key] = {**base[key], **dict(value)}
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_config(path_or_name: str | Path | Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+    """Load a config (a path, a name in ``training/configs``, a dict, or ``None`` = defaults).
+
+    ``overrides`` are merged on top (top-level keys, nested dicts merged), e.g. ``epochs=2``.
+    """
+    data: Mapping[str, Any]
+    if path_or_name is None:
+        data = {}
+    elif isinstance(path_or_name, Mapping):
+        data = path_or_name
+    else:
+        path = Path(path_or_name)
+        if not path.exists() and (CONFIG_DIR / f"{path_or_name}.json").exists():
+            path = CONFIG_DIR / f"{path_or_name}.json"
+        if not path.exists():
+            raise FileNotFoundError(f"config {path_or_name!r} not found (looked in {path} and {CONFIG_DIR})")
+        data = json.loads(path.read_text())
+    config = _merge(DEFAULTS, data, "")
+    config = _merge(config, overrides, "")
+    if config["loss"]["partial_label"] not in ("marginal", "ignore"):
+        raise ValueError("loss.partial_label must be 'marginal' or 'ignore'")
+    return config
+
+
+def network_config(config: Mapping[str, Any]):
+    """Build the library's ``NetworkConfig`` from ``config["network"]`` (preset + overrides)."""
+    from ParaspinalSegLib.network import NetworkConfig
+
+    net = dict(config["network"])
+    preset = net.pop("preset", "bsesnet")
+    factory = getattr(NetworkConfig, preset, None)
+    if preset.startswith("_") or factory is None or not callable(factory):
+        raise ValueError(f"unknown network preset {preset!r}; use bsesnet, unet, without_sag, without_deep_supervision")
+    return factory(**net)

@@ -1,0 +1,303 @@
+"""Training data: read labelled axial slices, split them by subject and cache them on the model's grid.
+
+Two kinds of source, freely mixed in one run:
+
+* a ``../shared/data``-style folder: NIfTI pairs ``<case>_img.nii.gz`` / ``<case>_lbl.nii.gz`` (shape
+  (X, Y, 1)) and a ``manifest.csv`` with ``subject_id`` and ``trusted_classes`` per slice; label 255 =
+  not annotated (:func:`load_source_folder`);
+* a Slicer-style pair: a volume plus its ``.seg.nrrd`` from Segment Editor, one chosen slice or every
+  labelled slice (:func:`load_slicer_pair`). Segments map to label values by ID (``anatomy.BY_KEY``) or
+  name; structures without a segment are untrusted, so an unlabelled pixel of such a slice means
+  "background or one of the missing structures" (``trusted[0] = False``, see ``losses``).
+
+Each slice is prepared ONCE with the library's own :func:`ParaspinalSegLib.preprocessing.prepare_slice`
+(canonical orientation, resampling, normalisation: exactly what inference does) and labels are brought
+onto the same grid with ``grid.to_model(order=0)``; :class:`PreparedData` holds the results as tensors.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from ParaspinalSegLib.anatomy import BY_KEY, NOT_ANNOTATED, NUM_CLASSES, STRUCTURES
+from ParaspinalSegLib.preprocessing import (
+    ModelInput,
+    NormalisationConfig,
+    ResampleGrid,
+    prepare_slice,
+    slice_geometry_from_nifti_affine,
+    slice_geometry_from_volume,
+)
+
+
+@dataclass(eq=False)
+class SliceRecord:
+    """One labelled slice on its own (input) grid."""
+
+    source: str
+    case_id: str
+    subject_id: str
+    #: 2-D image ``a[p, q]`` as stored.
+    image: np.ndarray
+    #: uint8, same shape; 0 background, 1..9 structures, 255 not annotated.
+    labels: np.ndarray
+    #: 4×4 IJK-to-RAS of the slice (contract convention).
+    slice_ijk_to_ras: np.ndarray
+    #: (10,) bool: entry c ≥ 1 = the source annotates structure c; entry 0 = label 0 is certain background.
+    trusted: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def group(self) -> str:
+        """Split key: subjects of different sources never share a fold by accident of equal IDs."""
+        return f"{self.source}/{self.subject_id}"
+
+    @property
+    def trusted_structures(self) -> list[int]:
+        return [int(v) for v in np.flatnonzero(self.trusted[1:]) + 1]
+
+
+def trusted_mask(classes: Iterable[int], zero_is_background: bool = True) -> np.ndarray:
+    """(10,) bool from a list of annotated structure values."""
+    m = np.zeros(NUM_CLASSES, dtype=bool)
+    m[0] = zero_is_background
+    for v in classes:
+        v = int(v)
+        if not 1 <= v < NUM_CLASSES:
+            raise ValueError(f"trusted class {v} is not a structure value 1..{NUM_CLASSES - 1}")
+        m[v] = True
+    return m
+
+
+def _parse_classes(text: str) -> list[int]:
+    return [int(t) for t in str(text).replace(",", ";").split(";") if t.strip()]
+
+
+def load_source_folder(folder: str | Path, limit: Optional[int] = None) -> list[SliceRecord]:
+    """Read a ``../shared/data``-style source folder (``manifest.csv`` + NIfTI pairs).
+
+    ``limit``: read only the first ``limit`` manifest rows (tests).
+    """
+    import nibabel as nib
+
+    folder = Path(folder)
+    manifest = folder / "manifest.csv"
+    if not manifest.exists():
+        raise FileNotFoundError(f"{folder} has no manifest.csv (not a ParaspinalSeg data folder)")
+    with open(manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if limit is not None:
+        rows = rows[:limit]
+    records = []
+    for row in rows:
+        img = nib.load(str(folder / row["img_file"]))
+        lbl = nib.load(str(folder / row["lbl_file"]))
+        a = np.asanyarray(img.dataobj)
+        lab = np.asanyarray(lbl.dataobj)
+        if a.ndim == 3:
+            a, lab = a[:, :, 0], lab[:, :, 0]
+        if a.shape != lab.shape:
+            raise ValueError(f"{row['case_id']}: image {a.shape} and labels {lab.shape} differ")
+        trusted = trusted_mask(_parse_classes(row["trusted_classes"]), zero_is_background=True)
+        lab = lab.astype(np.uint8)
+        # A label of an untrusted class (should not occur) is treated as not annotated.
+        bad = (lab != NOT_ANNOTATED) & (lab != 0) & ~trusted[np.minimum(lab, NUM_CLASSES - 1)]
+        lab = np.where(bad | (lab >= NUM_CLASSES) & (lab != NOT_ANNOTATED), NOT_ANNOTATED, lab).astype(np.uint8)
+        records.append(
+            SliceRecord(
+                source=folder.name,
+                case_id=row["case_id"],
+                subject_id=row.get("subject_id") or row["case_id"],
+                image=np.asarray(a),
+                labels=lab,
+                slice_ijk_to_ras=slice_geometry_from_nifti_affine(img.affine, 0),
+                trusted=trusted,
+                info={"file": row["img_file"]},
+            )
+        )
+    return records
+
+
+def segment_label_values(metadata: Mapping[str, str]) -> dict[int, tuple[int, int]]:
+    """Map the segments of a ``.seg.nrrd`` header to ParaspinalSeg values.
+
+    Returns ``{our value: (layer, label value in that layer)}``. A segment is recognised by its ID
+    (``anatomy`` key, e.g. ``multifidus_left``) or its name (``left multifidus``), case-insensitively.
+    """
+    by_name = {s.name.lower(): s.value for s in STRUCTURES}
+    by_key = {k.lower(): s.value for k, s in BY_KEY.items()}
+    out: dict[int, tuple[int, int]] = {}
+    i = 0
+    while f"Segment{i}_ID" in metadata:
+        sid = metadata[f"Segment{i}_ID"].strip().lower()
+        name = metadata.get(f"Segment{i}_Name", "").strip().lower()
+        value = by_key.get(sid) or by_key.get(name) or by_name.get(name) or by_name.get(sid)
+        if value is not None:
+            out[value] = (int(metadata.get(f"Segment{i}_Layer", "0")), int(metadata.get(f"Segment{i}_LabelValue", "1")))
+        i += 1
+    return out
+
+
+def load_slicer_pair(
+    volume_path: str | Path,
+    segmentation_path: str | Path,
+    slices: Optional[Sequence[int]] = None,
+    subject_id: Optional[str] = None,
+) -> list[SliceRecord]:
+    """Read a volume and its Segment Editor ``.seg.nrrd`` as training slices.
+
+    ``slices``: volume slice indices k (array order ``arr[k, j, i]``); ``None`` = every slice with at
+    least one recognised segment pixel. The segmentation is resampled (nearest) onto the volume grid.
+    Pixels of unrecognised segments become 255 (they may be one of our structures under another name).
+    """
+    import SimpleITK as sitk
+
+    from ParaspinalSegLib.volume_io import read_volume
+
+    vol = read_volume(volume_path)
+    seg = sitk.ReadImage(str(segmentation_path))
+    meta = {k: seg.GetMetaData(k) for k in seg.GetMetaDataKeys()}
+    mapping = segment_label_values(meta)
+    if not mapping:
+        raise ValueError(f"{segmentation_path}: no segment named or with an ID of a ParaspinalSeg structure")
+    reference = sitk.ReadImage(str(volume_path)) if Path(volume_path).is_file() else None
+    n_layers = seg.GetNumberOfComponentsPerPixel()
+    layers = []
+    for layer in range(n_layers):
+        img = sitk.VectorIndexSelectionCast(seg, layer) if n_layers > 1 else seg
+        if reference is not None:
+            img = sitk.Resample(img, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+        layers.append(sitk.GetArrayFromImage(img))
+    shape = vol.array.shape
+    if any(a.shape != shape for a in layers):
+        raise ValueError(f"segmentation grid {layers[0].shape} does not match the volume {shape}")
+    labels = np.zeros(shape, dtype=np.uint8)
+    # Any non-zero pixel of a segment we do not know: not annotated (could be one of ours).
+    for a in layers:
+        labels[a != 0] = NOT_ANNOTATED
+    for value, (layer, lv) in mapping.items():
+        labels[layers[layer] == lv] = value
+    trusted = trusted_mask(mapping, zero_is_background=len(mapping) == NUM_CLASSES - 1)
+    if slices is None:
+        structure_pixels = (labels > 0) & (labels != NOT_ANNOTATED)
+        slices = [int(k) for k in np.flatnonzero(structure_pixels.reshape(shape[0], -1).any(1))]
+    records = []
+    for k in slices:
+        if not 0 <= k < shape[0]:
+            raise ValueError(f"slice {k} is outside the volume (0..{shape[0] - 1})")
+        records.append(
+            SliceRecord(
+                source=vol.name,
+                case_id=f"{vol.name}_k{k:03d}",
+                subject_id=subject_id or vol.name,
+                image=vol.array[k],
+                labels=labels[k].copy(),
+                slice_ijk_to_ras=slice_geometry_from_volume(vol.ijk_to_ras, k),
+                trusted=trusted.copy(),
+                info={"k": int(k), "segmentation": str(segmentation_path)},
+            )
+        )
+    return records
+
+
+def load_sources(folders: Sequence[str | Path] = (), pairs: Sequence[Sequence[str]] = (), limit: Optional[int] = None) -> list[SliceRecord]:
+    """Read several sources into one list. ``pairs``: ``(volume, seg.nrrd, [k, ...])`` tuples."""
+    records: list[SliceRecord] = []
+    for folder in folders:
+        records += load_source_folder(folder, limit=limit)
+    for pair in pairs:
+        if len(pair) < 2:
+            raise ValueError(f"a Slicer pair needs VOLUME SEGMENTATION [K ...], got {list(pair)}")
+        ks = [int(k) for k in pair[2:]] or None
+        records += load_slicer_pair(pair[0], pair[1], ks)
+    if not records:
+        raise ValueError("no training slices: give --data folders and/or --pair VOLUME SEG")
+    return records
+
+
+def subject_folds(records: Sequence[SliceRecord], k: int = 5, seed: int = 0) -> list[list[int]]:
+    """Split record indices into ``k`` folds by subject (``source/subject_id``), balancing slice counts.
+
+    Subjects are shuffled with ``seed`` and each goes (largest first) to the fold with fewest slices,
+    so one subject's slices are always in a single fold.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault(r.group, []).append(i)
+    if len(groups) < k:
+        raise ValueError(f"{len(groups)} subjects cannot make {k} subject-wise folds")
+    names = sorted(groups)
+    random.Random(seed).shuffle(names)
+    names.sort(key=lambda g: -len(groups[g]))  # stable: ties keep the shuffled order
+    folds: list[list[int]] = [[] for _ in range(k)]
+    for g in names:
+        min(folds, key=len).extend(groups[g])
+    return [sorted(f) for f in folds]
+
+
+@dataclass(eq=False)
+class PreparedData:
+    """Slices on the model grid as tensors (kept on one device for the whole run)."""
+
+    #: (N, 1, S, S) float32, normalised like inference.
+    images: Any
+    #: (N, S, S) uint8 with 255 = not annotated.
+    labels: Any
+    #: (N, 10) bool.
+    trusted: Any
+    records: list[SliceRecord]
+    grids: list[ResampleGrid]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def to(self, device: Any) -> "PreparedData":
+        return PreparedData(self.images.to(device), self.labels.to(device), self.trusted.to(device), self.records, self.grids)
+
+    def subset(self, indices: Sequence[int]) -> "PreparedData":
+        import torch
+
+        idx = torch.as_tensor(list(indices), dtype=torch.long, device=self.images.device)
+        return PreparedData(
+            self.images[idx], self.labels[idx], self.trusted[idx],
+            [self.records[i] for i in indices], [self.grids[i] for i in indices],
+        )
+
+
+def prepare_records(
+    records: Sequence[SliceRecord],
+    model_input: ModelInput | Mapping[str, Any],
+    normalisation: NormalisationConfig | Mapping[str, Any],
+) -> PreparedData:
+    """Preprocess every slice once, exactly as inference does, and stack the results as CPU tensors."""
+    import torch
+
+    mi = model_input if isinstance(model_input, ModelInput) else ModelInput.from_dict(model_input)
+    norm = normalisation if isinstance(normalisation, NormalisationConfig) else NormalisationConfig.from_dict(normalisation)
+    n, s = len(records), mi.size
+    images = np.zeros((n, 1, s, s), dtype=np.float32)
+    labels = np.zeros((n, s, s), dtype=np.uint8)
+    grids = []
+    for i, r in enumerate(records):
+        prepared = prepare_slice(r.image, r.slice_ijk_to_ras, mi, norm)
+        images[i, 0] = prepared.image
+        # Same grid, nearest neighbour: a label lands where its pixel lands in the image. Outside the
+        # field of view (padding) is background, as the model sees nothing there.
+        labels[i] = prepared.grid.to_model(r.labels, order=0, cval=0)
+        grids.append(prepared.grid)
+    trusted = np.stack([r.trusted for r in records]) if records else np.zeros((0, NUM_CLASSES), bool)
+    return PreparedData(torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(trusted), list(records), grids)
+
+
+def structures_learned(records: Sequence[SliceRecord]) -> list[int]:
+    """Structures annotated by at least one training slice (recorded with the weights)."""
+    m = np.zeros(NUM_CLASSES, dtype=bool)
+    for r in records:
+        m |= r.trusted
+    return [int(v) for v in np.flatnonzero(m[1:]) + 1]

@@ -1,0 +1,74 @@
+"""The asynchronous schedule switches which parameters train at the right epochs."""
+
+import pytest
+import torch
+
+from ParaspinalSegLib.network import NetworkConfig, build_network
+from training.config import load_config
+from training.schedule import apply_phase, build_optimizer, phase_for_epoch
+
+SCHED = load_config("bsesnet")["schedule"]
+
+
+def test_phase_boundaries_of_paper_schedule():
+    epochs = 200
+    phases = [phase_for_epoch(e, epochs, SCHED) for e in range(epochs)]
+    assert phases[:10] == ["joint"] * 10
+    assert phases[10:19] == ["esnet"] * 9 and phases[19] == "bsn" and phases[20] == "esnet"
+    assert phases[29] == "bsn" and phases[30] == "esnet"
+    assert phases[-10:] == ["bsn"] * 10
+    assert phase_for_epoch(5, 200, SCHED, has_bsn=False) == "joint"
+    assert phase_for_epoch(19, 200, SCHED, has_bsn=False) == "joint"
+    with pytest.raises(ValueError):
+        phase_for_epoch(200, 200, SCHED)
+
+
+def test_requires_grad_and_optimizer_groups_follow_phase():
+    model = build_network(NetworkConfig.bsesnet(base_width=4, depth=4, prelim_width=8, detector_width=4, detector_hidden=8))
+    opt = build_optimizer(model, {"lr_esnet": 1e-3, "lr_bsn": 2e-3, "weight_decay": 0.0})
+    groups = {g["name"]: g for g in opt.param_groups}
+    bsn_ids = {id(p) for p in model.bsn_parameters()}
+    assert {id(p) for p in groups["bsn"]["params"]} == bsn_ids
+    encoder = list(model.encoder.parameters())
+    epochs = 40
+    expect = {0: "joint", 10: "esnet", 19: "bsn", 20: "esnet", epochs - 1: "bsn"}
+    for epoch, phase in expect.items():
+        got = phase_for_epoch(epoch, epochs, SCHED)
+        assert got == phase, (epoch, got)
+        apply_phase(model, opt, got, epoch, epochs)
+        bsn_on = all(p.requires_grad for p in model.bsn_parameters())
+        bsn_off = not any(p.requires_grad for p in model.bsn_parameters())
+        es_on = all(p.requires_grad for p in model.esnet_parameters())
+        es_off = not any(p.requires_grad for p in model.esnet_parameters())
+        enc_on = all(p.requires_grad for p in encoder)
+        if phase == "joint":
+            assert bsn_on and es_on and groups["bsn"]["lr"] > 0 and groups["esnet"]["lr"] > 0
+        elif phase == "esnet":
+            assert es_on and bsn_off and groups["bsn"]["lr"] == 0 and groups["esnet"]["lr"] > 0
+        else:
+            assert bsn_on and es_off and not enc_on and groups["esnet"]["lr"] == 0 and groups["bsn"]["lr"] > 0
+
+
+def test_frozen_group_does_not_move_in_a_step():
+    model = build_network(NetworkConfig.bsesnet(base_width=4, depth=4, prelim_width=8, detector_width=4, detector_hidden=8))
+    opt = build_optimizer(model, {"lr_esnet": 1e-2, "lr_bsn": 1e-2, "weight_decay": 0.1})
+    apply_phase(model, opt, "bsn", 19, 40)
+    before_enc = [p.detach().clone() for p in model.encoder.parameters()]
+    before_bsn = [p.detach().clone() for p in model.bsn_parameters()]
+    out = model(torch.randn(2, 1, 32, 32))
+    (out["prelim_mask"].square().mean() + out["boxes"].sum()).backward()
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before_enc, model.encoder.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before_bsn, model.bsn_parameters()))
+
+
+def test_unet_config_has_only_esnet_group():
+    cfg = load_config("unet")
+    assert cfg["network"]["preset"] == "unet"
+    model = build_network(NetworkConfig.unet(base_width=4, depth=4))
+    opt = build_optimizer(model, cfg["optimizer"])
+    assert [g["name"] for g in opt.param_groups] == ["esnet"]
+    for name in ("bsesnet", "unet", "without_sag", "without_deep_supervision", "tiny_cpu"):
+        load_config(name)  # every shipped config is valid
+    with pytest.raises(ValueError):
+        load_config({"epochz": 3})

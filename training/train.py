@@ -1,0 +1,352 @@
+"""Train BS-ESNet (or an ablation) with the paper's asynchronous schedule; resumable; CPU, CUDA or torchrun DDP.
+
+``python -m training.train --config training/configs/bsesnet.json --data ../shared/data/sy_lumbar_muscle
+../shared/data/myosegmentum_lpm --out runs/x [--folds 5 --fold K | --all] [--resume] [--epochs N]``
+
+Data are prepared once on the model grid and kept as tensors on the training device; batches are drawn
+by index and augmented there (no DataLoader, no worker processes). Writes into ``--out``:
+``checkpoint.pt`` (resume only; ``torch.load(weights_only=True)``, never shipped), ``history.json``,
+``final.json``/``final.safetensors`` (library weights format) and, with a validation fold,
+``best.json``/``best.safetensors`` (highest validation Dice on the model grid).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+
+from ParaspinalSegLib.network import build_network
+from ParaspinalSegLib.preprocessing import ModelInput, NormalisationConfig
+
+from .augment import augment_batch
+from .config import load_config, network_config
+from .data import PreparedData, SliceRecord, load_sources, prepare_records, structures_learned, subject_folds
+from .evaluate import canonical_dice
+from .losses import training_loss
+from .schedule import apply_phase, build_optimizer, phase_for_epoch
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` produced."""
+
+    out_dir: Path
+    epochs_done: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_val_dice: float = math.nan
+    final_weights: Optional[Path] = None
+    best_weights: Optional[Path] = None
+    #: Wall seconds of each optimisation step of this call (the first includes warm-up).
+    step_seconds: list[float] = field(default_factory=list)
+
+
+def _dist() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment (1 process otherwise)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` → this process's CUDA GPU when there is one, else CPU."""
+    _, _, local = _dist()
+    if device == "auto":
+        return torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(device)
+
+
+def set_determinism(seed: int, deterministic: bool) -> None:
+    """Seed torch and ask for deterministic kernels (CPU runs are bitwise repeatable)."""
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def export_weights(model: torch.nn.Module, path: Path, config: Mapping[str, Any], records: Sequence[SliceRecord], training: Mapping[str, Any], metrics: Mapping[str, Any]) -> Path:
+    """Write the model in the library's weights format (tensors + JSON config + SHA-256)."""
+    from ParaspinalSegLib.weights import save_weights
+
+    return save_weights(
+        model,
+        path,
+        structures_learned=structures_learned(records),
+        model_input=ModelInput.from_dict(config["model_input"]),
+        normalisation=NormalisationConfig.from_dict(config["normalisation"]),
+        training=_json_safe(dict(training)),
+        metrics=_json_safe(dict(metrics)),
+        name=str(training.get("name", path.stem)),
+    )
+
+
+def train(
+    config: Mapping[str, Any],
+    records: Sequence[SliceRecord],
+    out_dir: str | Path,
+    val_records: Sequence[SliceRecord] = (),
+    *,
+    resume: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+    training_info: Optional[Mapping[str, Any]] = None,
+    max_steps: Optional[int] = None,
+    stop_after_epochs: Optional[int] = None,
+) -> RunResult:
+    """Train on ``records`` (validate on ``val_records``) into ``out_dir``; see the module docstring.
+
+    ``resume=True`` continues from ``out_dir/checkpoint.pt`` (epoch counter, parameters, optimizer and
+    random-generator states), so an interrupted run ends with the same parameters as an uninterrupted
+    one. ``max_steps`` stops after that many optimisation steps (timing measurements);
+    ``stop_after_epochs`` stops (checkpointed, nothing exported) after that many epochs of the run, as an
+    interruption would (the learning-rate and phase schedule still follow ``config["epochs"]``).
+    """
+    rank, world, local = _dist()
+    dev = resolve_device(device)
+    ddp = world > 1
+    if ddp and not torch.distributed.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed = int(config["seed"])
+    set_determinism(seed, bool(config["deterministic"]))
+
+    train_data = prepare_records(records, config["model_input"], config["normalisation"]).to(dev)
+    val_data = prepare_records(val_records, config["model_input"], config["normalisation"]).to(dev) if val_records else None
+
+    torch.manual_seed(seed)  # same initial parameters on every rank and every run
+    model = build_network(network_config(config)).to(dev)
+    has_bsn = model.bsn is not None
+    optimizer = build_optimizer(model, config["optimizer"])
+    epochs = int(config["epochs"])
+    batch_size = int(config["batch_size"])
+    order_gen = torch.Generator().manual_seed(seed)  # batch order: identical on all ranks
+    aug_gen = torch.Generator(device=dev).manual_seed(seed * 1000 + 1 + rank)
+    history: list[dict[str, Any]] = []
+    best = -math.inf
+    start = 0
+    ckpt_path = out / CHECKPOINT
+    if resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=dev, weights_only=True)
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        order_gen.set_state(ck["order_gen"])
+        aug_gen.set_state(ck["aug_gen"][min(rank, len(ck["aug_gen"]) - 1)].to(aug_gen.get_state().device))
+        start, history = int(ck["epoch"]), list(ck["history"])
+        best = float(ck["best"]) if ck["best"] is not None else -math.inf
+    elif resume and rank == 0:
+        print(f"no checkpoint in {out}; starting from epoch 0", file=sys.stderr)
+
+    info = {
+        "name": config["name"],
+        "config": dict(config),
+        "data": sorted({r.source for r in records}),
+        "train_cases": [r.case_id for r in records],
+        "val_cases": [r.case_id for r in val_records],
+        "seed": seed,
+        "device": str(dev),
+        "world_size": world,
+        **dict(training_info or {}),
+    }
+    loss_cfg = config["loss"]
+    aug_cfg = config["augmentation"]
+    amp = bool(config["amp"]) and dev.type == "cuda"
+    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
+    n = len(train_data)
+    per_rank = max(1, n // world)
+    steps_per_epoch = math.ceil(per_rank / batch_size)
+    show = progress and rank == 0
+    from tqdm import tqdm
+
+    bar = tqdm(total=(epochs - start) * steps_per_epoch, disable=not show, unit="step", dynamic_ncols=True, desc=config["name"])
+    wrapped: Optional[torch.nn.Module] = None
+    wrapped_phase = None
+    steps_done = 0
+    step_times: list[float] = []
+    val_dice = history[-1].get("val_dice", math.nan) if history else math.nan
+    model.train()
+    stop = epochs if stop_after_epochs is None else min(epochs, stop_after_epochs)
+    for epoch in range(start, stop):
+        t0 = time.perf_counter()
+        phase = phase_for_epoch(epoch, epochs, config["schedule"], has_bsn)
+        apply_phase(model, optimizer, phase, epoch, epochs, float(config["optimizer"].get("poly_power", 0.9)))
+        if ddp and phase != wrapped_phase:
+            # DDP records which parameters need gradients when it is built: rebuild it per phase.
+            wrapped = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True
+            )
+            wrapped_phase = phase
+        net = wrapped if ddp else model
+        perm = torch.randperm(n, generator=order_gen)
+        perm = perm[: per_rank * world][rank::world] if n >= world else perm
+        sums: dict[str, float] = {}
+        for b in range(steps_per_epoch):
+            ts = time.perf_counter()
+            idx = perm[b * batch_size : (b + 1) * batch_size].to(dev)
+            x, y, t = augment_batch(train_data.images[idx], train_data.labels[idx], train_data.trusted[idx], aug_cfg, aug_gen)
+            with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
+                out_dict = net(x)
+            loss, parts = training_loss(out_dict, y, t, phase, loss_cfg)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            clip = float(config["optimizer"].get("grad_clip", 0) or 0)
+            if clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
+            scaler.step(optimizer)
+            scaler.update()
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, phase=phase, loss=f"{float(loss.detach()):.3f}", val_dice=f"{val_dice:.3f}")
+            steps_done += 1
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            step_times.append(time.perf_counter() - ts)
+            if max_steps is not None and steps_done >= max_steps:
+                bar.close()
+                return RunResult(out, epoch, history, step_seconds=step_times)
+        row: dict[str, Any] = {"epoch": epoch, "phase": phase, **{k: v / steps_per_epoch for k, v in sums.items()}}
+        row["seconds"] = time.perf_counter() - t0
+        last = epoch == stop - 1
+        every = int(config.get("val_every", 0) or 0)
+        new_best = False
+        if val_data is not None and (last or (every and (epoch + 1) % every == 0)):
+            if rank == 0:
+                val_dice = canonical_dice(model, val_data, batch_size=max(batch_size, 4))
+                row["val_dice"] = val_dice
+                if val_dice > best:
+                    best, new_best = val_dice, True
+        history.append(row)
+        ckpt_every = max(1, int(config.get("checkpoint_every", 1)))
+        gens: list[torch.Tensor] = []
+        if last or (epoch + 1) % ckpt_every == 0:
+            gens = [aug_gen.get_state().cpu()]
+            if ddp:  # every rank's augmentation stream, so a resumed DDP run continues each of them
+                gathered: list[Any] = [None] * world
+                torch.distributed.all_gather_object(gathered, gens[0])
+                gens = gathered
+        if rank == 0:
+            if new_best:
+                export_weights(model, out / "best", config, records, {**info, "epoch": epoch}, {"val_dice_model_grid": best})
+            if gens:
+                _atomic_save(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "epoch": epoch + 1,
+                        "history": history,
+                        "best": best if math.isfinite(best) else None,
+                        "order_gen": order_gen.get_state(),
+                        "aug_gen": gens,
+                        "config": dict(config),
+                    },
+                    ckpt_path,
+                )
+            (out / "history.json").write_text(json.dumps(_json_safe(history), indent=1))
+        if ddp:
+            torch.distributed.barrier()
+    bar.close()
+    if stop < epochs:
+        return RunResult(out, stop, history, step_seconds=step_times)
+    result = RunResult(out, epochs, history, best_val_dice=best if math.isfinite(best) else math.nan, step_seconds=step_times)
+    if rank == 0:
+        metrics = {"val_dice_model_grid": result.best_val_dice, "final_loss": history[-1].get("loss") if history else None}
+        result.final_weights = export_weights(model, out / "final", config, records, {**info, "epoch": epochs - 1}, metrics)
+        if (out / "best.json").exists():
+            result.best_weights = out / "best.json"
+    return result
+
+
+def add_data_arguments(ap: argparse.ArgumentParser) -> None:
+    """Arguments shared by ``train`` and ``cv``."""
+    ap.add_argument("--config", default="bsesnet", help="config JSON path or name in training/configs (default bsesnet)")
+    ap.add_argument("--data", nargs="*", default=[], help="data folders (manifest.csv + NIfTI pairs)")
+    ap.add_argument("--pair", nargs="+", action="append", default=[], metavar="VOL SEG [K]", help="a volume, its .seg.nrrd and optional slice indices k (repeatable)")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
+    ap.add_argument("--limit", type=int, default=None, help="read only the first N slices of each folder (smoke tests)")
+    ap.add_argument("--folds", type=int, default=5, help="number of subject-wise folds (default 5)")
+    ap.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+
+
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    over = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("seed", args.seed)) if v is not None}
+    return load_config(args.config, **over)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command line entry point (see the module docstring)."""
+    ap = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
+    add_data_arguments(ap)
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--fold", type=int, default=None, help="train on all folds but K, validate on K")
+    g.add_argument("--all", action="store_true", help="train on every slice (no validation; the default)")
+    ap.add_argument("--benchmark-steps", type=int, default=None, help="time N steps, print seconds/epoch, exit")
+    args = ap.parse_args(argv)
+    config = config_from_args(args)
+    records = load_sources(args.data, args.pair, limit=args.limit)
+    val: list[SliceRecord] = []
+    info: dict[str, Any] = {"folds": None}
+    if args.fold is not None:
+        folds = subject_folds(records, args.folds, int(config["seed"]))
+        if not 0 <= args.fold < args.folds:
+            ap.error(f"--fold must be in 0..{args.folds - 1}")
+        val = [records[i] for i in folds[args.fold]]
+        held = set(folds[args.fold])
+        records = [r for i, r in enumerate(records) if i not in held]
+        info["folds"] = {"k": args.folds, "fold": args.fold, "seed": int(config["seed"]), "by": "source/subject_id"}
+    if args.benchmark_steps:
+        t0 = time.perf_counter()
+        res = train(config, records, args.out, device=args.device, progress=False, max_steps=args.benchmark_steps + 1)
+        step = sum(res.step_seconds[1:]) / max(1, len(res.step_seconds) - 1)  # first step = warm-up
+        steps = math.ceil(len(records) / int(config["batch_size"]))
+        print(json.dumps({"seconds_per_step": step, "steps_per_epoch": steps, "seconds_per_epoch": step * steps,
+                          "prepare_and_build_seconds": time.perf_counter() - t0 - sum(res.step_seconds),
+                          "slices": len(records), "threads": torch.get_num_threads(), "device": str(resolve_device(args.device))}))
+        return 0
+    result = train(config, records, args.out, val, resume=args.resume, device=args.device, training_info=info)
+    if _dist()[0] == 0:
+        print(f"done: {result.epochs_done} epochs; weights {result.final_weights}"
+              + (f"; best val Dice (model grid) {result.best_val_dice:.3f} → {result.best_weights}" if result.best_weights else ""))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
