@@ -52,6 +52,21 @@ class SceneWriteError(ValueError):
 # Small MRML helpers
 
 
+
+def remove_node(scene, node) -> None:
+    """Remove a node with its display and storage nodes (``RemoveNode`` alone leaves them behind headless)."""
+    if node is None or node.GetScene() is None:
+        return
+    helpers = []
+    if hasattr(node, "GetNumberOfDisplayNodes"):
+        helpers += [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+    if hasattr(node, "GetStorageNode"):
+        helpers.append(node.GetStorageNode())
+    scene.RemoveNode(node)
+    for helper in helpers:
+        if helper is not None and helper.GetScene() is not None:
+            scene.RemoveNode(helper)
+
 def _slicer():
     import slicer
 
@@ -242,7 +257,7 @@ def get_or_create_segmentation(scene, volume_node, segmentation_node=None):
             sh.SetItemParent(item, parent)
     except Exception:
         if created:
-            scene.RemoveNode(segmentation_node)
+            remove_node(scene, segmentation_node)
         raise
     return segmentation_node
 
@@ -583,12 +598,12 @@ def write_boxes(
             _subject_hierarchy(scene).SetItemParent(_sh_item(scene, roi, folder), folder)
     except Exception:
         for roi in new_nodes.values():
-            scene.RemoveNode(roi)
+            remove_node(scene, roi)
         raise
     replaced = {anatomy.BY_VALUE[v].key for v in checked}
     for key, node in old.items():
         if key in replaced or clear_others:
-            scene.RemoveNode(node)
+            remove_node(scene, node)
     return new_nodes
 
 
@@ -679,7 +694,7 @@ def get_or_create_measurement_table(scene, name: str = DEFAULT_TABLE_NAME):
         _sh_item(scene, table_node)
     except Exception:
         if created:
-            scene.RemoveNode(table_node)
+            remove_node(scene, table_node)
         raise
     return table_node
 

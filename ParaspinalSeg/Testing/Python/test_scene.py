@@ -211,6 +211,10 @@ def test_boxes_replace_previous_and_hide_together(mrml_scene, make_volume):
     assert writers.find_boxes(mrml_scene, other)["psoas_major_left"].GetDisplayNode().GetVisibility()
     writers.write_boxes(mrml_scene, vol, 3, {5: (2, 2, 6, 6)}, clear_others=True)
     assert set(writers.find_boxes(mrml_scene, vol)) == {"psoas_major_right"}
+    # Replaced boxes take their display nodes with them: no orphans pile up slice after slice.
+    rois = mrml_scene.GetNodesByClass("vtkMRMLMarkupsROINode")
+    displays = mrml_scene.GetNodesByClass("vtkMRMLMarkupsROIDisplayNode")
+    assert displays.GetNumberOfItems() == rois.GetNumberOfItems() == 2
 
 
 # ------------------------------------------------------------------------------------------------

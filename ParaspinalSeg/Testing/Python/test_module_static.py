@@ -1,0 +1,452 @@
+"""Static checks of the Slicer module that run without the Slicer application.
+
+ParaspinalSeg.py imports qt/ctk/slicer.app, which exist only inside Slicer, so it is read here with
+``ast`` (never imported) and the .ui with ``xml.etree``. The checks catch what otherwise shows up
+only when a user opens the module: a widget name used in code but missing in the .ui, a
+SlicerParameterName without a parameter (or with a widget the parameter node wrapper cannot bind),
+a file the extension build would not package, a torch import at module load. The two pure geometry
+functions (Red view slice index, view alignment) are compiled from the module's own source and run.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import re
+import struct
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+MODULE_DIR = Path(__file__).resolve().parents[2]  # .../ParaspinalSeg
+REPO_ROOT = MODULE_DIR.parent
+MODULE_PY = MODULE_DIR / "ParaspinalSeg.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "ParaspinalSeg.ui"
+MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
+EXTENSION_CMAKE = REPO_ROOT / "CMakeLists.txt"
+LIB_DIR = MODULE_DIR / "ParaspinalSegLib"
+RESOURCES_DIR = MODULE_DIR / "Resources"
+
+# What the parameterNodeWrapper's GUI connectors accept (Slicer Base/Python/slicer/parameterNodeWrapper/
+# guiConnectors.py: each connector checks the widget's exact class).
+WIDGETS_FOR_TYPE = {
+    "bool": {"QCheckBox", "QPushButton"},
+    "int": {"QSpinBox", "QSlider", "QComboBox"},
+    "float": {"QDoubleSpinBox", "ctkSliderWidget", "QComboBox"},
+    "str": {"QLineEdit", "QTextEdit", "QComboBox"},
+    "pathlib.Path": {"ctkPathLineEdit", "ctkDirectoryButton"},
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Parsing helpers
+
+
+@pytest.fixture(scope="module")
+def module_tree() -> ast.Module:
+    return ast.parse(MODULE_PY.read_text(encoding="utf-8"), filename=str(MODULE_PY))
+
+
+@pytest.fixture(scope="module")
+def ui_root() -> ET.Element:
+    return ET.parse(UI_FILE).getroot()
+
+
+def ui_widgets(root: ET.Element) -> dict[str, ET.Element]:
+    """Every widget of the .ui by object name."""
+    return {w.get("name"): w for w in root.iter("widget")}
+
+
+def widget_property(widget: ET.Element, name: str):
+    """Text of a widget's own property (string/bool/...), or None."""
+    for prop in widget.findall("property"):
+        if prop.get("name") == name:
+            values = [e.text or "" for e in prop.iter() if e is not prop and e.tag in ("string", "bool", "enum", "set", "number", "double")]
+            return values[0] if values else ""
+    return None
+
+
+def widget_stringlist(widget: ET.Element, name: str) -> list[str]:
+    for prop in widget.findall("property"):
+        if prop.get("name") == name:
+            return [s.text or "" for s in prop.iter("string")]
+    return []
+
+
+def module_constants(tree: ast.Module) -> dict[str, object]:
+    """Module-level NAME = <literal> assignments (tuples, strings, numbers)."""
+    constants: dict[str, object] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                constants[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+    return constants
+
+
+def class_def(tree: ast.Module, name: str) -> ast.ClassDef:
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            return node
+    raise AssertionError(f"class {name} not found in {MODULE_PY.name}")
+
+
+def parameter_fields(tree: ast.Module) -> dict[str, dict]:
+    """Fields of ParaspinalSegParameterNode: base type, Choice values (if any), default expression."""
+    constants = module_constants(tree)
+    cls = class_def(tree, "ParaspinalSegParameterNode")
+    assert any(
+        (isinstance(d, ast.Name) and d.id == "parameterNodeWrapper")
+        or (isinstance(d, ast.Call) and getattr(d.func, "id", None) == "parameterNodeWrapper")
+        for d in cls.decorator_list
+    ), "ParaspinalSegParameterNode must be decorated with @parameterNodeWrapper"
+    fields: dict[str, dict] = {}
+    for node in cls.body:
+        if not isinstance(node, ast.AnnAssign):
+            continue
+        annotation = node.annotation
+        choices = None
+        if isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value) == "Annotated":
+            parts = annotation.slice.elts  # type: ignore[attr-defined]
+            base = ast.unparse(parts[0])
+            for extra in parts[1:]:
+                if isinstance(extra, ast.Call) and ast.unparse(extra.func) == "Choice":
+                    arg = extra.args[0]
+                    if isinstance(arg, ast.Call) and ast.unparse(arg.func) == "list":
+                        arg = arg.args[0]
+                    choices = list(constants[arg.id]) if isinstance(arg, ast.Name) else list(ast.literal_eval(arg))
+        else:
+            base = ast.unparse(annotation)
+        default = None
+        if node.value is not None:
+            try:
+                default = ast.literal_eval(node.value)
+            except ValueError:
+                default = ast.unparse(node.value)
+        fields[node.target.id] = {"type": base, "choices": choices, "default": default}  # type: ignore[union-attr]
+    return fields
+
+
+def cmake_list(text: str, variable: str, module_name: str = "ParaspinalSeg") -> list[str]:
+    """Items of ``set(VARIABLE ...)`` in a CMakeLists.txt, with ${MODULE_NAME} substituted."""
+    match = re.search(r"set\(\s*" + re.escape(variable) + r"\s+(.*?)\)", text, re.S)
+    assert match, f"set({variable} ...) not found"
+    items = [line.split("#")[0].strip() for line in match.group(1).splitlines()]
+    return [item.replace("${MODULE_NAME}", module_name) for line in items for item in line.split() if item]
+
+
+def cmake_set_value(text: str, variable: str) -> str:
+    match = re.search(r"set\(\s*" + re.escape(variable) + r'\s+"([^"]*)"\s*\)', text)
+    assert match, f'set({variable} "...") not found'
+    return match.group(1)
+
+
+def load_pure_function(tree: ast.Module, name: str, extra_names: tuple[str, ...] = ()):
+    """Compile one module-level function (and the constants it names) from ParaspinalSeg.py's source."""
+    wanted = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in (name, *extra_names)]
+    constants = [
+        n for n in tree.body
+        if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name)
+        and n.targets[0].id.isupper() and isinstance(n.value, ast.Constant)
+    ]
+    namespace: dict = {"np": np, "math": math}
+    code = compile(ast.Module(body=constants + wanted, type_ignores=[]), str(MODULE_PY), "exec")
+    exec(code, namespace)
+    return namespace[name]
+
+
+# ------------------------------------------------------------------------------------------------
+# The .ui file and the Python code that uses it
+
+
+def test_ui_is_wellformed_with_qmrmlwidget_on_top(ui_root):
+    top = ui_root.find("widget")
+    assert top is not None
+    assert top.get("class") == "qMRMLWidget"
+    assert top.get("name") == "ParaspinalSeg"
+    names = [w.get("name") for w in ui_root.iter("widget")]
+    assert len(names) == len(set(names)), "duplicate widget names in the .ui"
+
+
+def test_every_ui_attribute_used_in_code_exists(module_tree, ui_root):
+    widgets = ui_widgets(ui_root)
+    used = {
+        node.attr
+        for node in ast.walk(module_tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Attribute)
+        and node.value.attr == "ui"
+        and isinstance(node.value.value, ast.Name)
+        and node.value.value.id == "self"
+    }
+    assert used, "no self.ui.<widget> use found (parsing problem?)"
+    missing = sorted(used - set(widgets))
+    assert not missing, f"ParaspinalSeg.py uses widgets the .ui does not define: {missing}"
+    # The buttons the issue asks for are there and connected.
+    for button in ("segmentButton", "updateMeasurementsButton", "exportCsvButton", "alignViewButton"):
+        assert button in used, f"{button} is never used in ParaspinalSeg.py"
+        assert widgets[button].get("class") == "QPushButton"
+
+
+def test_bound_widgets_match_parameter_fields(module_tree, ui_root):
+    fields = parameter_fields(module_tree)
+    expected = {"inputVolume", "outputSegmentation", "spinalLevel", "fatThresholdMethod", "manualThreshold",
+                "showBoxes", "device", "weightsPath"}
+    assert expected <= set(fields), f"parameter node lacks {sorted(expected - set(fields))}"
+    bound: dict[str, str] = {}
+    for name, widget in ui_widgets(ui_root).items():
+        parameter = widget_property(widget, "SlicerParameterName")
+        if parameter is None:
+            continue
+        assert parameter in fields, f"widget {name} is bound to unknown parameter {parameter!r}"
+        assert parameter not in bound, f"parameter {parameter} is bound to both {bound[parameter]} and {name}"
+        bound[parameter] = name
+        field = fields[parameter]
+        widget_class = widget.get("class")
+        if field["type"].startswith("vtkMRML"):
+            assert widget_class == "qMRMLNodeComboBox", f"{name}: node parameter needs a qMRMLNodeComboBox"
+            assert field["type"] in widget_stringlist(widget, "nodeTypes"), f"{name}: nodeTypes lacks {field['type']}"
+        else:
+            allowed = WIDGETS_FOR_TYPE[field["type"]]
+            assert widget_class in allowed, f"{name} ({widget_class}) cannot show a {field['type']} parameter"
+            if widget_class == "QComboBox":
+                assert field["choices"], f"{name}: a QComboBox binding needs a Choice annotation on {parameter}"
+    # Every user-facing parameter has its widget.
+    assert set(bound) == expected, f"unbound parameters: {sorted(expected - set(bound))}"
+
+
+def test_choice_defaults_are_among_the_choices(module_tree):
+    fields = parameter_fields(module_tree)
+    assert fields["spinalLevel"]["choices"] == ["", "L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1"]
+    assert fields["fatThresholdMethod"]["choices"] == ["auto", "otsu", "manual"]
+    assert fields["device"]["choices"] == ["auto", "cpu", "cuda"]
+    for name, field in fields.items():
+        if field["choices"] is not None:
+            assert field["default"] in field["choices"], f"default of {name} is not one of its choices"
+
+
+def test_template_structure(module_tree):
+    classes = {n.name: n for n in module_tree.body if isinstance(n, ast.ClassDef)}
+    bases = {name: [ast.unparse(b) for b in cls.bases] for name, cls in classes.items()}
+    assert bases["ParaspinalSeg"] == ["ScriptedLoadableModule"]
+    assert bases["ParaspinalSegWidget"] == ["ScriptedLoadableModuleWidget", "VTKObservationMixin"]
+    assert bases["ParaspinalSegLogic"] == ["ScriptedLoadableModuleLogic"]
+    assert bases["ParaspinalSegTest"] == ["ScriptedLoadableModuleTest"]
+    widget_methods = {n.name for n in classes["ParaspinalSegWidget"].body if isinstance(n, ast.FunctionDef)}
+    lifecycle = {"setup", "cleanup", "enter", "exit", "onSceneStartClose", "onSceneEndClose",
+                 "initializeParameterNode", "setParameterNode", "_checkCanApply", "onReload"}
+    assert lifecycle <= widget_methods, f"widget lacks {sorted(lifecycle - widget_methods)}"
+    logic_methods = {n.name for n in classes["ParaspinalSegLogic"].body if isinstance(n, ast.FunctionDef)}
+    assert {"getParameterNode", "segmentSlice", "updateMeasurements", "exportTableToCsv"} <= logic_methods
+    source = MODULE_PY.read_text(encoding="utf-8")
+    assert "10.1007/978-3-030-59725-2_63" in source, "acknowledgement must cite the BS-ESNet paper"
+    assert 'translate("qSlicerAbstractCoreModule", "Segmentation")' in source
+
+
+def test_no_heavy_imports_at_module_level(module_tree):
+    """Slicer imports the module at startup, in a Python that may have no torch."""
+    top_level_modules: set[str] = set()
+    for node in module_tree.body:
+        for sub in ast.walk(node) if isinstance(node, (ast.If, ast.Try)) else [node]:
+            if isinstance(sub, ast.Import):
+                top_level_modules.update(alias.name.split(".")[0] for alias in sub.names)
+            elif isinstance(sub, ast.ImportFrom) and sub.module:
+                top_level_modules.add(sub.module.split(".")[0])
+    forbidden = {"torch", "safetensors", "ParaspinalSegLib", "PyTorchUtils", "SimpleITK", "scipy"}
+    assert not (top_level_modules & forbidden), f"imported at module level: {sorted(top_level_modules & forbidden)}"
+    # torch is imported only inside functions, and only in the install check / self-test.
+    functions_importing_torch = {
+        func.name
+        for func in ast.walk(module_tree)
+        if isinstance(func, ast.FunctionDef)
+        for sub in ast.walk(func)
+        if isinstance(sub, ast.Import) and any(a.name == "torch" for a in sub.names)
+    }
+    assert functions_importing_torch <= {"installPackages"}, functions_importing_torch
+
+
+def test_reloaded_library_modules_exist(module_tree):
+    names = module_constants(module_tree)["LIBRARY_MODULES"]
+    for name in names:
+        assert (LIB_DIR / (name.split(".")[1] + ".py")).is_file(), f"onReload lists missing module {name}"
+
+
+# ------------------------------------------------------------------------------------------------
+# CMake: what the extension packages
+
+
+def test_module_cmake_lists_every_script_and_resource():
+    text = MODULE_CMAKE.read_text(encoding="utf-8")
+    scripts = cmake_list(text, "MODULE_PYTHON_SCRIPTS")
+    resources = cmake_list(text, "MODULE_PYTHON_RESOURCES")
+    assert "slicerMacroBuildScriptedModule" in text and "WITH_GENERIC_TESTS" in text
+    assert re.search(r"slicer_add_python_unittest\(\s*SCRIPT\s+\$\{MODULE_NAME\}\.py\s*\)", text)
+    assert "ParaspinalSeg.py" in scripts
+
+    # Slicer packages only listed files: every library module and every resource must be listed.
+    library = {f"ParaspinalSegLib/{p.name}" for p in LIB_DIR.glob("*.py")}
+    unlisted_scripts = sorted(library - set(scripts))
+    assert not unlisted_scripts, f"library files missing from MODULE_PYTHON_SCRIPTS: {unlisted_scripts}"
+    library_data = {
+        p.relative_to(MODULE_DIR).as_posix()
+        for p in LIB_DIR.rglob("*")
+        if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts
+    }
+    on_disk = {
+        p.relative_to(MODULE_DIR).as_posix()
+        for p in RESOURCES_DIR.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and "__pycache__" not in p.parts
+    } | library_data
+    unlisted_resources = sorted(on_disk - set(resources))
+    assert not unlisted_resources, f"files missing from MODULE_PYTHON_RESOURCES: {unlisted_resources}"
+    assert all(s.endswith(".py") for s in scripts), "non-Python file listed as a script"
+
+
+def test_module_cmake_listed_files_exist():
+    """slicerMacroBuildScriptedModule fails to configure when a listed file is missing.
+
+    The shipped model (Resources/Models/bsesnet_default.*, MODEL.md) and the terminology file are
+    written by other parts of the project; this test fails until they are in the tree.
+    """
+    text = MODULE_CMAKE.read_text(encoding="utf-8")
+    listed = cmake_list(text, "MODULE_PYTHON_SCRIPTS") + cmake_list(text, "MODULE_PYTHON_RESOURCES")
+    assert len(listed) == len(set(listed)), "a file is listed twice"
+    missing = sorted(item for item in listed if not (MODULE_DIR / item).is_file())
+    assert not missing, f"listed in ParaspinalSeg/CMakeLists.txt but not in the tree: {missing}"
+
+
+def test_module_paths_match_the_library(module_tree):
+    """The module's hard-coded resource paths are the ones the library and the CMake use."""
+    from ParaspinalSegLib import headless, weights
+
+    source = MODULE_PY.read_text(encoding="utf-8")
+    resources = cmake_list(MODULE_CMAKE.read_text(encoding="utf-8"), "MODULE_PYTHON_RESOURCES")
+    default_weights = weights.DEFAULT_WEIGHTS.resolve().relative_to(MODULE_DIR).as_posix()
+    terminology = headless.TERMINOLOGY_FILE.resolve().relative_to(MODULE_DIR).as_posix()
+    assert '"Resources" / "Models" / "bsesnet_default.json"' in source and default_weights == "Resources/Models/bsesnet_default.json"
+    assert default_weights in resources
+    assert weights.DEFAULT_WEIGHTS.with_suffix(".safetensors").resolve().relative_to(MODULE_DIR).as_posix() in resources
+    assert terminology in resources
+    assert f'"{headless.TERMINOLOGY_FILE.name}"' in source
+    assert '"UI/ParaspinalSeg.ui"' in source and "Resources/UI/ParaspinalSeg.ui" in resources
+
+
+def test_extension_cmake_metadata():
+    text = EXTENSION_CMAKE.read_text(encoding="utf-8")
+    assert re.search(r"^project\(ParaspinalSeg\)", text, re.M)
+    assert cmake_set_value(text, "EXTENSION_CATEGORY") == "Segmentation"
+    assert cmake_set_value(text, "EXTENSION_DEPENDS") == "PyTorch"
+    assert cmake_set_value(text, "EXTENSION_DESCRIPTION")
+    assert cmake_set_value(text, "EXTENSION_CONTRIBUTORS")
+    # The Extensions Index requires http(s) image URLs and a repository name containing "Slicer".
+    for variable in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        for url in cmake_set_value(text, variable).split():
+            assert re.match(r"https://raw\.githubusercontent\.com/[^/]+/Slicer[^/]+/.+\.(png|jpg|gif)$", url), url
+    assert re.match(r"https://github\.com/[^/]+/Slicer", cmake_set_value(text, "EXTENSION_HOMEPAGE"))
+    icon_url = cmake_set_value(text, "EXTENSION_ICONURL")
+    assert icon_url.endswith("/ParaspinalSeg/Resources/Icons/ParaspinalSeg.png")
+    for line in ("find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(ParaspinalSeg)",
+                 "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
+        assert line in text, line
+    assert (MODULE_DIR / "Testing" / "CMakeLists.txt").is_file()
+    assert (MODULE_DIR / "Testing" / "Python" / "CMakeLists.txt").is_file()
+
+
+def test_icon_is_a_128_png():
+    data = (RESOURCES_DIR / "Icons" / "ParaspinalSeg.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    assert (width, height) == (128, 128)
+
+
+def test_requirements_leave_slicer_packages_alone():
+    lines = [line.split("#")[0].strip() for line in (RESOURCES_DIR / "requirements.txt").read_text().splitlines()]
+    names = {re.split(r"[<>=!~ \[;]", line)[0].lower() for line in lines if line}
+    # torch comes from the PyTorch extension's installer; numpy/scipy/SimpleITK/Pillow are Slicer's own.
+    assert not names & {"torch", "numpy", "scipy", "simpleitk", "pillow"}, names
+    assert "safetensors" in names  # weights.load_weights reads the model with it
+
+
+# ------------------------------------------------------------------------------------------------
+# Red view geometry, run from the module's own source
+
+
+def _ijk_to_ras(directions, spacing, origin):
+    m = np.eye(4)
+    m[:3, :3] = np.asarray(directions, float) @ np.diag(spacing)
+    m[:3, 3] = origin
+    return m
+
+
+def _axial_slice_to_ras(z, rotation=np.eye(3)):
+    s = np.eye(4)
+    s[:3, :3] = np.asarray(rotation) @ np.diag([-1.0, 1.0, 1.0])  # Slicer's axial default: x to patient left
+    s[:3, 3] = (3.0, -7.0, z)
+    return s
+
+
+def _rotation(axis, degrees):
+    a = math.radians(degrees)
+    c, s = math.cos(a), math.sin(a)
+    return {"x": np.array([[1, 0, 0], [0, c, -s], [0, s, c]]),
+            "y": np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]),
+            "z": np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])}[axis]
+
+
+@pytest.mark.parametrize(
+    "directions",
+    [np.diag([-1.0, -1.0, 1.0]), np.eye(3), np.diag([1.0, -1.0, -1.0])],  # LPS-like, RAS, K pointing inferior
+    ids=["LPS", "RAS", "K-inferior"],
+)
+def test_red_view_slice_index_axial(module_tree, directions):
+    index = load_pure_function(module_tree, "redViewSliceIndex")
+    m = _ijk_to_ras(directions, (0.7, 0.7, 4.0), (20.0, 30.0, -12.0))
+    dims = (64, 64, 5)
+    for k in range(5):
+        z = (m @ np.array([10.0, 20.0, k, 1.0]))[2]
+        view = index(m, _axial_slice_to_ras(z + 0.9), dims)  # 0.9 mm off the slice centre: still slice k
+        assert view["k"] == k and view["aligned"] and view["inside"], (k, view)
+        assert abs(view["offset"]) < 0.5
+    outside = index(m, _axial_slice_to_ras(m[2, 3] + 5 * 4.0 * directions[2][2]), dims)
+    assert outside["k"] == 5 and not outside["inside"]
+
+
+def test_red_view_slice_index_oblique_volume(module_tree):
+    index = load_pure_function(module_tree, "redViewSliceIndex")
+    tilt = _rotation("x", 12.0) @ _rotation("z", 20.0)
+    m = _ijk_to_ras(tilt @ np.diag([-1.0, -1.0, 1.0]), (0.8, 0.8, 3.5), (5.0, 5.0, 5.0))
+    dims = (48, 40, 6)
+    # A plain axial view cuts through several slices of a tilted volume: not aligned.
+    plain = index(m, _axial_slice_to_ras((m @ [20, 20, 3, 1])[2]), dims)
+    assert not plain["aligned"] and plain["angleDeg"] == pytest.approx(12.0, abs=0.5)
+    # A view rotated with the volume is aligned and reports the slice under its centre.
+    s = _axial_slice_to_ras(0.0, tilt)
+    s[:3, 3] = (m @ np.array([20.0, 10.0, 4.0, 1.0]))[:3]
+    view = index(m, s, dims)
+    assert view["aligned"] and view["k"] == 4
+
+
+@pytest.mark.parametrize("tilt_deg", [0.0, 7.0, 25.0])
+def test_aligned_slice_to_ras_snaps_onto_a_volume_slice(module_tree, tilt_deg):
+    index = load_pure_function(module_tree, "redViewSliceIndex")
+    align = load_pure_function(module_tree, "alignedSliceToRAS")
+    volume_rotation = _rotation("x", tilt_deg)
+    m = _ijk_to_ras(volume_rotation @ np.diag([-1.0, -1.0, 1.0]), (0.75, 0.75, 4.0), (40.0, 50.0, -30.0))
+    dims = (80, 80, 7)
+    start = _axial_slice_to_ras((m @ [40, 40, 2.3, 1])[2], _rotation("y", 4.0))
+    aligned = align(m, start, dims)
+    rotation = aligned[:3, :3]
+    np.testing.assert_allclose(rotation.T @ rotation, np.eye(3), atol=1e-9)  # orthonormal
+    assert np.linalg.det(rotation) == pytest.approx(1.0)  # right-handed: the view is not mirrored
+    view = index(m, aligned, dims)
+    assert view["aligned"] and view["inside"] and view["angleDeg"] < 1e-6
+    assert abs(view["offset"]) < 1e-9  # exactly on a voxel slice centre
+    # The look is kept: screen x still points to patient left, normal still superior-ish.
+    assert aligned[0, 0] < -0.9 and aligned[2, 2] > 0.8
+    # Far outside the volume, the view is brought back onto its last slice.
+    far = start.copy()
+    far[2, 3] += 500.0
+    assert index(m, align(m, far, dims), dims)["k"] == dims[2] - 1
