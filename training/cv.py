@@ -35,13 +35,24 @@ def cross_validate(
     device: str = "auto",
     final_model: bool = False,
     progress: bool = True,
+    only_folds: Optional[Sequence[int]] = None,
 ) -> dict[str, Any]:
-    """Run all folds, write the report and return ``{"rows", "folds", "metrics", "paths"}``."""
+    """Run all folds (or ``only_folds``), write the report and return ``{"rows", "folds", "metrics", "paths"}``.
+
+    ``only_folds`` runs a subset of the same split (e.g. one fold when compute is short); the report and
+    metrics then say which folds they cover, so a partial run is never mistaken for a full one.
+    """
     out = Path(out_dir)
     folds = subject_folds(records, k, int(config["seed"]))
+    run_folds = sorted(set(range(k) if only_folds is None else only_folds))
+    if not run_folds or not all(0 <= f < k for f in run_folds):
+        raise ValueError(f"only_folds must name folds in 0..{k - 1}, got {only_folds!r}")
     rows: list[dict[str, Any]] = []
     fold_cases = []
     for f, held in enumerate(folds):
+        if f not in run_folds:
+            fold_cases.append([records[i].case_id for i in held])
+            continue
         held_set = set(held)
         val = [records[i] for i in held]
         tr = [r for i, r in enumerate(records) if i not in held_set]
@@ -56,12 +67,14 @@ def cross_validate(
     metrics = {
         "mean_dice": mean_dice(rows),
         "per_structure": {str(v): d for v, d in summary.items()},
-        "per_fold_mean_dice": [mean_dice([r for r in rows if r["fold"] == f]) for f in range(k)],
+        "per_fold_mean_dice": {f: mean_dice([r for r in rows if r["fold"] == f]) for f in run_folds},
         "k": k,
+        "folds_run": run_folds,
         "slices": len(records),
         "evaluated_on": "original input grid via SliceSegmenter (final-epoch weights of each fold)",
     }
-    paths = write_report(rows, out, title=f"{config['name']}: {k}-fold subject-wise cross-validation")
+    scope = f"{k}-fold" if len(run_folds) == k else f"fold(s) {run_folds} of a {k}-fold"
+    paths = write_report(rows, out, title=f"{config['name']}: {scope} subject-wise cross-validation")
     (out / "cv_metrics.json").write_text(json.dumps(_json_safe({**metrics, "folds": fold_cases}), indent=1))
     result = {"rows": rows, "folds": fold_cases, "metrics": metrics, "paths": paths}
     if final_model:
@@ -76,10 +89,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.cv", description=__doc__.split("\n\n")[0])
     add_data_arguments(ap)
     ap.add_argument("--final-model", action="store_true", help="after CV, train on all slices and export with the CV metrics")
+    ap.add_argument("--only-folds", type=int, nargs="+", default=None, metavar="K",
+                    help="run only these folds of the same split (the report says which)")
     args = ap.parse_args(argv)
     config = config_from_args(args)
     records = load_sources(args.data, args.pair, limit=args.limit)
-    res = cross_validate(config, records, args.out, args.folds, resume=args.resume, device=args.device, final_model=args.final_model)
+    res = cross_validate(config, records, args.out, args.folds, resume=args.resume, device=args.device, final_model=args.final_model,
+                         only_folds=args.only_folds)
     if "metrics" in res:
         print(f"mean Dice {100 * res['metrics']['mean_dice']:.1f} %; report {res['paths']['report']}")
     return 0

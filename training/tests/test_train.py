@@ -65,6 +65,17 @@ def test_cross_validation_writes_table(tmp_path):
     assert (tmp_path / "fold_0" / "final.json").exists() and (tmp_path / "per_slice.csv").exists()
 
 
+def test_cross_validation_subset_of_folds_says_so(tmp_path):
+    recs = _records(4)
+    res = cross_validate(tiny_config(epochs=1, network={"preset": "unet"}), recs, tmp_path, k=2, progress=False,
+                         only_folds=[1])
+    assert res["metrics"]["folds_run"] == [1] and set(res["metrics"]["per_fold_mean_dice"]) == {1}
+    assert not (tmp_path / "fold_0").exists() and (tmp_path / "fold_1" / "final.json").exists()
+    assert "fold(s) [1] of a 2-fold" in (tmp_path / "report.md").read_text()
+    with pytest.raises(ValueError, match="only_folds"):
+        cross_validate(tiny_config(epochs=1), recs, tmp_path, k=2, progress=False, only_folds=[2])
+
+
 @pytest.mark.skipif(not (DATA / "sy_lumbar_muscle" / "manifest.csv").exists(), reason=f"shared data not found at {DATA}")
 def test_real_slices_two_epochs(tmp_path):
     recs = load_source_folder(DATA / "sy_lumbar_muscle", limit=3) + load_source_folder(DATA / "myosegmentum_lpm", limit=1)
