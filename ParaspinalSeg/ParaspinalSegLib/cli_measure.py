@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from . import anatomy
+from .errors import InputError
 from .measurements import asymmetry, measure_slice
 
 CSV_COLUMNS: tuple[str, ...] = (
@@ -43,7 +44,7 @@ CSV_COLUMNS: tuple[str, ...] = (
 )
 
 
-class MeasureError(ValueError):
+class MeasureError(InputError):
     """A problem with the inputs of ``paraspinalseg measure`` (shown to the user without a traceback)."""
 
 

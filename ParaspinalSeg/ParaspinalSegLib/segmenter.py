@@ -31,8 +31,10 @@ from .preprocessing import (
     ModelInput,
     NormalisationConfig,
     ResampleGrid,
+    from_canonical,
     prepare_slice,
     slice_geometry_from_volume,
+    to_canonical,
 )
 from .weights import WeightsConfig, load_weights
 
@@ -214,7 +216,10 @@ class SliceSegmenter:
         t3 = time.perf_counter()
 
         if self.keep_largest:
-            labels = _keep_largest_component(labels, self.structures_learned)
+            # Cleaned in the canonical (patient-fixed) orientation so that a tie between equal islands
+            # is broken the same way whether the file stores the slice as LPS, RAS or transposed.
+            canonical = to_canonical(labels, grid.orientation)
+            labels = from_canonical(_keep_largest_component(canonical, self.structures_learned), grid.orientation)
         result = self._describe(labels, max_prob, det, grid)
         t4 = time.perf_counter()
         result.timings = {"prepare": t1 - t0, "network": t2 - t1, "map_back": t3 - t2, "postprocess": t4 - t3}

@@ -1,0 +1,307 @@
+"""Read image volumes from disk for the command line, and write label volumes on their grid.
+
+Volumes come back as a numpy array in Slicer/SimpleITK order ``arr[k, j, i]`` plus the 4×4 IJK-to-RAS
+matrix Slicer would give the same file. ITK works in LPS, Slicer (and this library) in RAS: the first two
+rows of ITK's index-to-physical matrix change sign.
+
+Every problem a user can cause (missing file, unreadable file, colour or vector image, 4-D series, a DICOM
+folder with several series) raises :class:`~ParaspinalSegLib.errors.InputError` with one clear sentence.
+Needs numpy and SimpleITK only (both exist in Slicer's Python).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .errors import InputError
+
+#: File name endings SimpleITK reads that we accept as a single-file volume (lower case).
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+
+#: ITK (LPS) → Slicer (RAS) physical coordinates.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass
+class Volume:
+    """A scalar volume read from disk.
+
+    ``array`` is ``arr[k, j, i]`` (axis 0 = slices); ``ijk_to_ras`` maps ``(i, j, k, 1)`` to RAS mm.
+    ``itk_origin``, ``itk_spacing`` and ``itk_direction`` keep ITK's own (LPS, 3-D) geometry so label
+    volumes are written back on exactly the same grid; ``dimension`` is the file's own dimension (2 or 3).
+    """
+
+    array: np.ndarray
+    ijk_to_ras: np.ndarray
+    path: Path
+    name: str
+    dimension: int = 3
+    itk_origin: tuple[float, ...] = (0.0, 0.0, 0.0)
+    itk_spacing: tuple[float, ...] = (1.0, 1.0, 1.0)
+    itk_direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_slices(self) -> int:
+        """Number of slices along k (array axis 0)."""
+        return int(self.array.shape[0])
+
+    @property
+    def spacing_mm(self) -> tuple[float, float, float]:
+        """Voxel size along (i, j, k) in mm."""
+        return tuple(float(np.linalg.norm(self.ijk_to_ras[:3, c])) for c in range(3))  # type: ignore[return-value]
+
+
+def volume_name(path: str | os.PathLike) -> str:
+    """The volume's name for output files: the file name without its volume suffix (folder name for DICOM)."""
+    p = Path(path)
+    if p.is_dir():
+        return p.resolve().name or "volume"
+    name = p.name
+    lower = name.lower()
+    for suffix in VOLUME_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)] or "volume"
+    return p.stem or "volume"
+
+
+def ijk_to_ras_from_itk(origin, spacing, direction) -> np.ndarray:
+    """4×4 IJK-to-RAS matrix from ITK 3-D geometry (LPS origin, spacing, row-major 3×3 direction)."""
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    m = np.eye(4)
+    m[:3, :3] = d * np.asarray(spacing, dtype=float)[None, :]
+    m[:3, 3] = np.asarray(origin, dtype=float)
+    return LPS_TO_RAS @ m
+
+
+def itk_geometry_from_ijk_to_ras(ijk_to_ras: np.ndarray) -> tuple[tuple, tuple, tuple]:
+    """Inverse of :func:`ijk_to_ras_from_itk`: (origin LPS, spacing, row-major direction) for SimpleITK."""
+    m = LPS_TO_RAS @ np.asarray(ijk_to_ras, dtype=float)
+    spacing = np.linalg.norm(m[:3, :3], axis=0)
+    if np.any(spacing <= 0):
+        raise InputError("the IJK-to-RAS matrix has a zero-length axis")
+    direction = m[:3, :3] / spacing[None, :]
+    return tuple(m[:3, 3].tolist()), tuple(spacing.tolist()), tuple(direction.ravel().tolist())
+
+
+def _embed_2d_geometry(image) -> tuple[tuple, tuple, tuple]:
+    """3-D ITK geometry of a 2-D image: the slice normal is the cross product of its two axes, 1 mm thick."""
+    o = list(image.GetOrigin()) + [0.0]
+    s = list(image.GetSpacing()) + [1.0]
+    d2 = np.asarray(image.GetDirection(), dtype=float).reshape(2, 2)
+    d = np.eye(3)
+    d[:2, :2] = d2
+    d[:, 2] = np.cross(d[:, 0], d[:, 1])
+    return tuple(o), tuple(s), tuple(d.ravel().tolist())
+
+
+def _read_dicom_folder(folder: Path):
+    import SimpleITK as sitk
+
+    # GDCM warns on stderr ("No Series were found") for folders without DICOM; we say it in one line.
+    warnings_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    except RuntimeError as exc:  # pragma: no cover - GDCM error on odd folders
+        raise InputError(f"cannot read DICOM folder {folder}: {_first_line(exc)}") from None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings_shown)
+    if not series:
+        raise InputError(f"{folder} is a folder without DICOM images (give a volume file or a DICOM series folder)")
+    if len(series) > 1:
+        raise InputError(
+            f"{folder} holds {len(series)} DICOM series ({', '.join(series)}); put one series per folder"
+        )
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"cannot read the DICOM series in {folder}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    """ITK exception texts span several lines with source paths; keep the one that says what went wrong."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        m = re.match(r"^(?:sitk::ERROR|itk::ERROR|Description)\s*:\s*(.+)$", ln, re.IGNORECASE)
+        if m:
+            return m.group(1)
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _restore_nifti_non_finite(path: Path, array: np.ndarray) -> np.ndarray:
+    """Put back the NaN/inf voxels ITK's NIfTI reader silently turns into 0 (so they are refused later).
+
+    Reads the raw voxels of a float NIfTI-1/NIfTI-2 file with numpy (header fields at their fixed
+    offsets); any other case returns ``array`` unchanged.
+    """
+    import gzip
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except OSError:
+        return array
+    for endian in ("<", ">"):
+        size = int(np.frombuffer(raw[:4], dtype=f"{endian}i4")[0]) if len(raw) >= 4 else 0
+        if size == 348:  # NIfTI-1
+            datatype = int(np.frombuffer(raw[70:72], f"{endian}i2")[0])
+            offset = int(np.frombuffer(raw[108:112], f"{endian}f4")[0])
+            break
+        if size == 540:  # NIfTI-2
+            datatype = int(np.frombuffer(raw[12:14], f"{endian}i2")[0])
+            offset = int(np.frombuffer(raw[168:176], f"{endian}i8")[0])
+            break
+    else:
+        return array
+    dtype = {16: f"{endian}f4", 64: f"{endian}f8"}.get(datatype)
+    if dtype is None:
+        return array
+    if offset < 0 or len(raw) < offset + array.size * np.dtype(dtype).itemsize:
+        return array
+    values = np.frombuffer(raw, dtype=dtype, count=array.size, offset=offset)
+    bad = ~np.isfinite(values.reshape(array.shape))
+    if not bad.any():
+        return array
+    restored = array.copy()
+    restored[bad] = values.reshape(array.shape)[bad]
+    return restored
+
+
+def read_volume(path: str | os.PathLike) -> Volume:
+    """Read a NIfTI, NRRD (or any SimpleITK-readable) file or a DICOM series folder as a scalar volume.
+
+    Returns a :class:`Volume` whose array is ``arr[k, j, i]`` (a 2-D image becomes one slice) and whose
+    ``ijk_to_ras`` is in RAS. Raises :class:`InputError` for a missing or unreadable file, a colour/vector
+    or complex image, and a 4-D (time/sequence) image.
+    """
+    import SimpleITK as sitk
+
+    p = Path(path)
+    if not str(path):
+        raise InputError("no volume given")
+    if not p.exists():
+        raise InputError(f"no such file or folder: {p}")
+    if p.is_dir():
+        image = _read_dicom_folder(p)
+    else:
+        try:
+            image = sitk.ReadImage(str(p))
+        except RuntimeError as exc:
+            raise InputError(f"cannot read {p} as an image volume ({_first_line(exc)})") from None
+
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        raise InputError(
+            f"{p.name} is a colour/vector image ({image.GetNumberOfComponentsPerPixel()} components per pixel, "
+            f"{image.GetPixelIDTypeAsString()}); give a greyscale (scalar) MRI volume"
+        )
+    if "complex" in image.GetPixelIDTypeAsString().lower():
+        raise InputError(f"{p.name} has complex pixels; give a magnitude (scalar) MRI volume")
+
+    dim = image.GetDimension()
+    if dim == 4:
+        size = image.GetSize()
+        if size[3] != 1:
+            raise InputError(
+                f"{p.name} is a 4-D volume ({size[3]} frames/time points); give one 3-D volume "
+                "(extract the frame first)"
+            )
+        image = sitk.Extract(image, list(size[:3]) + [0], [0, 0, 0, 0])
+        dim = 3
+    if dim not in (2, 3):
+        raise InputError(f"{p.name} is a {dim}-D image; give a 2-D slice or a 3-D volume")
+
+    if dim == 2:
+        origin, spacing, direction = _embed_2d_geometry(image)
+        array = sitk.GetArrayFromImage(image)[None]
+    else:
+        origin, spacing, direction = image.GetOrigin(), image.GetSpacing(), image.GetDirection()
+        array = sitk.GetArrayFromImage(image)
+
+    if array.dtype.kind == "f" and p.is_file() and p.name.lower().endswith((".nii", ".nii.gz")):
+        array = _restore_nifti_non_finite(p, array)
+
+    metadata = {}
+    for key in ("Modality", "0008|0060", "0018|0050"):
+        if image.HasMetaDataKey(key):
+            metadata[key] = image.GetMetaData(key)
+    return Volume(
+        array=array,
+        ijk_to_ras=ijk_to_ras_from_itk(origin, spacing, direction),
+        path=p,
+        name=volume_name(p),
+        dimension=dim,
+        itk_origin=tuple(origin),
+        itk_spacing=tuple(spacing),
+        itk_direction=tuple(direction),
+        metadata=metadata,
+    )
+
+
+def volume_from_array(
+    array: np.ndarray, ijk_to_ras: np.ndarray, name: str = "volume", path: Optional[str | os.PathLike] = None
+) -> Volume:
+    """Wrap an in-memory ``arr[k, j, i]`` and its IJK-to-RAS matrix as a :class:`Volume` (tests, scripts)."""
+    a = np.asarray(array)
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim != 3:
+        raise InputError(f"expected a 2-D or 3-D array, got shape {a.shape}")
+    origin, spacing, direction = itk_geometry_from_ijk_to_ras(ijk_to_ras)
+    return Volume(a, np.asarray(ijk_to_ras, float), Path(path or name), name, 3, origin, spacing, direction)
+
+
+def _itk_image_like(array: np.ndarray, volume: Volume):
+    import SimpleITK as sitk
+
+    if volume.dimension == 2:
+        image = sitk.GetImageFromArray(array[0])
+        image.SetOrigin(volume.itk_origin[:2])
+        image.SetSpacing(volume.itk_spacing[:2])
+        d = np.asarray(volume.itk_direction).reshape(3, 3)
+        image.SetDirection(tuple(d[:2, :2].ravel().tolist()))
+    else:
+        image = sitk.GetImageFromArray(array)
+        image.SetOrigin(volume.itk_origin)
+        image.SetSpacing(volume.itk_spacing)
+        image.SetDirection(volume.itk_direction)
+    return image
+
+
+def write_label_volume(labels: np.ndarray, volume: Volume, path: str | os.PathLike) -> Path:
+    """Write ``labels`` (``arr[k, j, i]`` of the volume's shape) as uint8 on the volume's grid and geometry.
+
+    The format follows the file name (``.nii.gz`` → NIfTI, ``.nrrd`` → NRRD, compressed).
+    """
+    import SimpleITK as sitk
+
+    lab = np.asarray(labels)
+    if lab.shape != volume.array.shape:
+        raise InputError(f"label array shape {lab.shape} does not match the volume {volume.array.shape}")
+    if lab.size and (lab.min() < 0 or lab.max() > 255):
+        raise InputError("label values must lie in 0..255")
+    image = _itk_image_like(lab.astype(np.uint8), volume)
+    out = Path(path)
+    sitk.WriteImage(image, str(out), True)
+    return out
+
+
+def write_scalar_volume(array: np.ndarray, volume: Volume, path: str | os.PathLike) -> Path:
+    """Write any scalar ``arr[k, j, i]`` of the volume's shape on its grid (keeps the array's dtype)."""
+    import SimpleITK as sitk
+
+    a = np.asarray(array)
+    if a.shape != volume.array.shape:
+        raise InputError(f"array shape {a.shape} does not match the volume {volume.array.shape}")
+    sitk.WriteImage(_itk_image_like(a, volume), str(path), True)
+    return Path(path)
