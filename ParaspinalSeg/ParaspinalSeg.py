@@ -2,9 +2,9 @@
 
 Segments the paraspinal muscles, disc, spinal canal and lamina on the axial slice shown in the Red
 view with BS-ESNet, and measures cross-sectional area and fat percentage. Everything that is not
-Slicer GUI glue (network, pre/post-processing, measurements, scene writers) lives in
-ParaspinalSegLib; this file reads the panel into a parameter node, calls the library and shows
-progress and errors.
+Slicer GUI glue lives in ParaspinalSegLib (what the buttons do: ``workflow``; Red view geometry:
+``slice_view``), where it is tested headless; this file reads the panel into a parameter node, calls
+the library and shows progress and errors.
 
 PyTorch is never imported at module import: the library is imported inside the functions that need
 it, and torch is installed on the first "Segment slice" after one confirmation.
@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import pathlib
-import time
 from typing import Annotated, Optional
 
 import numpy as np
@@ -46,8 +45,6 @@ SPINAL_LEVELS = ("", "L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1")
 FAT_THRESHOLD_METHODS = ("auto", "otsu", "manual")
 DEVICES = ("auto", "cpu", "cuda")
 TORCH_VERSION_REQUIREMENT = ">=2.2"
-#: The Red view counts as aligned with the volume's slices when its normal is within this angle of the K axis.
-ALIGNMENT_TOLERANCE_DEG = 0.5
 
 #: Library submodules reloaded by "Reload" in developer mode (order: dependencies first).
 LIBRARY_MODULES = (
@@ -57,10 +54,12 @@ LIBRARY_MODULES = (
     "ParaspinalSegLib.preprocessing",
     "ParaspinalSegLib.postprocessing",
     "ParaspinalSegLib.measurements",
+    "ParaspinalSegLib.slice_view",
     "ParaspinalSegLib.weights",
     "ParaspinalSegLib.network",
     "ParaspinalSegLib.segmenter",
     "ParaspinalSegLib.scene",
+    "ParaspinalSegLib.workflow",
 )
 
 
@@ -128,70 +127,6 @@ def registerTerminology():
 
 
 #
-# Red view geometry (plain numpy, no Slicer calls: Testing/Python/test_module_static.py runs it)
-#
-
-
-def redViewSliceIndex(volumeIJKToRAS, sliceToRAS, dimensions, toleranceDeg: float = ALIGNMENT_TOLERANCE_DEG) -> dict:
-    """Which volume slice K the Red view shows, and whether the view lies in the volume's slices.
-
-    ``volumeIJKToRAS`` and ``sliceToRAS`` are 4x4 arrays (the volume's IJK-to-RAS matrix and the
-    slice node's SliceToRAS); ``dimensions`` is the volume's (I, J, K) size. The view is *aligned*
-    when its normal is parallel to the volume's K axis (within ``toleranceDeg``); then every pixel of
-    the view lies in voxel slice K = round(K coordinate of the view centre) and that slice can be
-    used as it is, without interpolation. Returns a dict with ``k`` (int), ``aligned`` (bool),
-    ``inside`` (0 <= k < number of slices), ``angleDeg`` (normal vs K axis) and ``offset`` (distance
-    of the view centre from the slice centre, in slices).
-    """
-    m = np.asarray(volumeIJKToRAS, dtype=float).reshape(4, 4)
-    s = np.asarray(sliceToRAS, dtype=float).reshape(4, 4)
-    kAxis = m[:3, 2] / np.linalg.norm(m[:3, 2])
-    normal = s[:3, 2] / np.linalg.norm(s[:3, 2])
-    cosine = min(1.0, abs(float(np.dot(kAxis, normal))))
-    angleDeg = math.degrees(math.acos(cosine))
-    centreIJK = np.linalg.solve(m, np.append(s[:3, 3], 1.0))
-    k = int(np.floor(centreIJK[2] + 0.5))  # round half up, the same on both sides of zero
-    numSlices = int(dimensions[2])
-    return {
-        "k": k,
-        "aligned": angleDeg <= toleranceDeg,
-        "inside": 0 <= k < numSlices,
-        "angleDeg": angleDeg,
-        "offset": float(centreIJK[2] - k),
-    }
-
-
-def alignedSliceToRAS(volumeIJKToRAS, sliceToRAS, dimensions) -> np.ndarray:
-    """SliceToRAS that puts a slice view exactly onto one of the volume's slices, keeping its look.
-
-    The view normal becomes the volume's K axis (same sense as the current normal), the view's
-    horizontal axis the volume's I or J axis closest to the current horizontal axis, and the vertical
-    axis completes a right-handed frame (so the view is never mirrored). The view centre keeps its
-    in-plane position and moves to the nearest voxel slice centre K (clamped into the volume).
-    Arguments as for :func:`redViewSliceIndex`; returns a 4x4 array.
-    """
-    m = np.asarray(volumeIJKToRAS, dtype=float).reshape(4, 4)
-    s = np.asarray(sliceToRAS, dtype=float).reshape(4, 4)
-    axes = m[:3, :3] / np.linalg.norm(m[:3, :3], axis=0)
-    current = s[:3, :3] / np.linalg.norm(s[:3, :3], axis=0)
-    normal = axes[:, 2] * (1.0 if np.dot(axes[:, 2], current[:, 2]) >= 0 else -1.0)
-    scores = [np.dot(axes[:, a], current[:, 0]) for a in (0, 1)]
-    best = int(np.argmax(np.abs(scores)))
-    horizontal = axes[:, best] * (1.0 if scores[best] >= 0 else -1.0)
-    horizontal = horizontal - np.dot(horizontal, normal) * normal  # orthogonal even for sheared volumes
-    horizontal /= np.linalg.norm(horizontal)
-    vertical = np.cross(normal, horizontal)
-    centreIJK = np.linalg.solve(m, np.append(s[:3, 3], 1.0))
-    centreIJK[2] = min(max(np.floor(centreIJK[2] + 0.5), 0), int(dimensions[2]) - 1)
-    aligned = np.eye(4)
-    aligned[:3, 0] = horizontal
-    aligned[:3, 1] = vertical
-    aligned[:3, 2] = normal
-    aligned[:3, 3] = (m @ centreIJK)[:3]
-    return aligned
-
-
-#
 # ParaspinalSegParameterNode
 #
 
@@ -239,7 +174,7 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._redSliceNode = None
-        self._redView = None  # last result of redViewSliceIndex (None: no volume/view)
+        self._redView = None  # last slice_view.ViewSlice of the Red view (None: no volume/view)
         self._shownWeightsPath = None
         self._boxesShown = None
 
@@ -256,11 +191,7 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # is connected to each MRML widget's "setMRMLScene(vtkMRMLScene*)" slot in the .ui file.
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
-        # Create logic class. Logic implements all computations that should be possible to run
-        # in batch mode, without a graphical user interface.
         self.logic = ParaspinalSegLogic()
-
-        # Connections
 
         # These connections ensure that we update parameter node when scene is closed
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -307,10 +238,7 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
-        """Ensure parameter node exists and observed."""
-        # Parameter node stores all user choices in parameter values, node selections, etc.
-        # so that when the scene is saved and reloaded, these settings are restored.
-
+        """Ensure parameter node exists and observed (it keeps the panel's choices in the saved scene)."""
         self.setParameterNode(self.logic.getParameterNode())
 
         # Select default input nodes if nothing is selected yet to save a few clicks for the user
@@ -326,11 +254,7 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.weightsPath = DEFAULT_WEIGHTS_PATH
 
     def setParameterNode(self, inputParameterNode: Optional[ParaspinalSegParameterNode]) -> None:
-        """
-        Set and observe parameter node.
-        Observation is needed because when the parameter node is changed then the GUI must be updated immediately.
-        """
-
+        """Set and observe parameter node (the GUI follows its changes at once)."""
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
@@ -350,26 +274,11 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateModelInfo()
         node = self._parameterNode
         self.ui.manualThresholdSpinBox.enabled = bool(node) and node.fatThresholdMethod == "manual"
-
-        view = self._redView
-        if not node or not node.inputVolume:
-            self.ui.segmentButton.toolTip = _("Select an input volume")
-            self.ui.segmentButton.enabled = False
-        elif view is None:
-            self.ui.segmentButton.toolTip = _("The Red view is not available")
-            self.ui.segmentButton.enabled = False
-        elif not view["aligned"]:
-            self.ui.segmentButton.toolTip = _("The Red view is not aligned with the volume's slices: click 'Align view'")
-            self.ui.segmentButton.enabled = False
-        elif not view["inside"]:
-            self.ui.segmentButton.toolTip = _("The Red view is outside the volume: scroll to a slice of the volume")
-            self.ui.segmentButton.enabled = False
-        else:
-            self.ui.segmentButton.toolTip = _("Segment slice {k} of {volume}").format(
-                k=view["k"], volume=node.inputVolume.GetName())
-            self.ui.segmentButton.enabled = True
-
-        self.ui.updateMeasurementsButton.enabled = bool(node and node.inputVolume and view and view["inside"])
+        problem = self._viewProblem()
+        self.ui.segmentButton.enabled = not problem
+        self.ui.segmentButton.toolTip = problem or _("Segment slice {k} of {volume}").format(
+            k=self._redView.k, volume=node.inputVolume.GetName())
+        self.ui.updateMeasurementsButton.enabled = not self._viewProblem(requireAligned=False)
         tableNode = self.logic.measurementTable()
         self.ui.exportCsvButton.enabled = tableNode is not None and tableNode.GetNumberOfRows() > 0
 
@@ -399,32 +308,29 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Show which slice the Red view shows, or why it cannot be segmented."""
         node = self._parameterNode
         volumeNode = node.inputVolume if node else None
-        self._redView = self.logic.redViewSlice(volumeNode) if volumeNode else None
-        view = self._redView
-        warning = ""
-        alignVisible = False
-        if volumeNode is None:
-            text = "–"
-        elif view is None:
-            text = "–"
-            warning = _("No Red view in this layout: choose a layout with the Red slice view.")
-        else:
-            numSlices = volumeNode.GetImageData().GetDimensions()[2] if volumeNode.GetImageData() else 0
-            text = _("{k} of 0…{last}").format(k=view["k"], last=numSlices - 1)
-            if math.isnan(view["angleDeg"]):
-                warning = _("The volume is under a non-linear transform: harden the transform first.")
-            elif not view["aligned"]:
-                alignVisible = True
-                warning = _("The Red view is not aligned with the volume's slices (tilted by {angle:.1f}°), "
-                            "so it shows an interpolated plane. Click 'Align view' to segment the volume's own slice.").format(
-                    angle=view["angleDeg"])
-            elif not view["inside"]:
-                alignVisible = True
-                warning = _("The Red view is outside the volume.")
-        self.ui.sliceIndexLabel.text = text
+        self._redView = view = self.logic.redViewSlice(volumeNode) if volumeNode else None
+        numSlices = view and volumeNode.GetImageData().GetDimensions()[2]
+        self.ui.sliceIndexLabel.text = _("{k} of 0…{last}").format(k=view.k, last=numSlices - 1) if view else "–"
+        warning = self._viewProblem() if volumeNode else ""
         self.ui.sliceWarningLabel.text = warning
         self.ui.sliceWarningLabel.visible = bool(warning)
-        self.ui.alignViewButton.visible = alignVisible
+        self.ui.alignViewButton.visible = bool(view) and not math.isnan(view.angle_deg) and not (view.aligned and view.inside)
+
+    def _viewProblem(self, requireAligned: bool = True) -> str:
+        """Why the Red view's slice cannot be segmented (or measured: ``requireAligned=False``); "" if it can."""
+        node, view = self._parameterNode, self._redView
+        if not node or not node.inputVolume:
+            return _("Select an input volume.")
+        if view is None:
+            return _("There is no Red slice view in the current layout: choose a layout with the Red view.")
+        if math.isnan(view.angle_deg):
+            return _("The volume is under a non-linear transform: harden the transform first.")
+        if requireAligned and not view.aligned:
+            return _("The Red view is not aligned with the volume's slices (tilted by {angle:.1f}°), so it shows an "
+                     "interpolated plane. Click 'Align view' to segment the volume's own slice.").format(angle=view.angle_deg)
+        if not view.inside:
+            return _("The Red view is outside the volume: scroll to one of its slices.")
+        return ""
 
     def _updateModelInfo(self) -> None:
         """Describe the selected model (read from its JSON config; needs no torch)."""
@@ -461,17 +367,10 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Segmenting slice {k}…").format(k=k)
             slicer.app.processEvents()  # show the status before the (short) blocking run
             outcome = self.logic.segmentSlice(
-                node.inputVolume,
-                k,
-                segmentationNode=node.outputSegmentation,
-                level=node.spinalLevel,
-                method=self._method(),
-                device=node.device,
-                weightsPath=node.weightsPath,
-                showBoxes=node.showBoxes,
-            )
-            node.outputSegmentation = outcome["segmentationNode"]
-            self.logic.showResults(outcome["segmentationNode"], outcome["tableNode"])
+                node.inputVolume, k, segmentationNode=node.outputSegmentation, level=node.spinalLevel,
+                method=self._method(), device=node.device, weightsPath=node.weightsPath, showBoxes=node.showBoxes)
+            node.outputSegmentation = outcome.segmentation_node
+            self.logic.showResults(outcome.segmentation_node, outcome.table_node)
             self.ui.statusLabel.text = self.logic.describeOutcome(outcome)
             succeeded = True
         if not succeeded:
@@ -483,8 +382,9 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Failed to update the measurements."), waitCursor=True):
             k = self._currentSliceIndex(requireAligned=False)
+            # "(not recorded)" keeps the level recorded when the slice was segmented.
             tableNode = self.logic.updateMeasurements(
-                node.inputVolume, k, node.outputSegmentation, level=node.spinalLevel, method=self._method())
+                node.inputVolume, k, node.outputSegmentation, level=node.spinalLevel or None, method=self._method())
             self.logic.showResults(None, tableNode)
             self.ui.statusLabel.text = _("Measurements of slice {k} updated from the current segments.").format(k=k)
         self._checkCanApply()
@@ -518,14 +418,11 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _currentSliceIndex(self, requireAligned: bool = True) -> int:
         """K of the Red view's slice, or an error saying why it cannot be used."""
-        view = self.logic.redViewSlice(self._parameterNode.inputVolume)
-        if view is None:
-            raise ValueError(_("There is no Red slice view in the current layout."))
-        if requireAligned and not view["aligned"]:
-            raise ValueError(_("The Red view is not aligned with the volume's slices: click 'Align view' first."))
-        if not view["inside"]:
-            raise ValueError(_("The Red view is outside the volume: scroll to one of its slices."))
-        return view["k"]
+        self._updateSliceInfo()
+        problem = self._viewProblem(requireAligned)
+        if problem:
+            raise ValueError(problem)
+        return self._redView.k
 
     def _ensureDependencies(self) -> bool:
         """Install PyTorch (and the other requirements) after one confirmation; False if the user declined."""
@@ -669,50 +566,8 @@ class ParaspinalSegLogic(ScriptedLoadableModuleLogic):
         return self._segmenter
 
     #
-    # Input checks and geometry
+    # Red view
     #
-
-    @staticmethod
-    def checkVolume(volumeNode) -> np.ndarray:
-        """The volume's voxels as an array ``arr[k, j, i]``, or an InputError saying why it cannot be used."""
-        from ParaspinalSegLib.errors import InputError
-
-        if volumeNode is None:
-            raise InputError(_("No input volume selected."))
-        if not volumeNode.IsA("vtkMRMLScalarVolumeNode") or volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
-            raise InputError(_("{volume} is not a grey-value image (it is a {kind}).").format(
-                volume=volumeNode.GetName(), kind=volumeNode.GetClassName()))
-        imageData = volumeNode.GetImageData()
-        if imageData is None:
-            raise InputError(_("{volume} has no image data.").format(volume=volumeNode.GetName()))
-        if imageData.GetNumberOfScalarComponents() != 1 or volumeNode.IsA("vtkMRMLVectorVolumeNode"):
-            raise InputError(_("{volume} has {n} components per voxel (RGB or vector image); "
-                               "ParaspinalSeg needs a single-component MRI.").format(
-                volume=volumeNode.GetName(), n=imageData.GetNumberOfScalarComponents()))
-        return slicer.util.arrayFromVolume(volumeNode)
-
-    @staticmethod
-    def volumeIJKToRAS(volumeNode) -> np.ndarray:
-        """IJK-to-RAS of the volume in its own (local) coordinates, as the library expects."""
-        matrix = vtk.vtkMatrix4x4()
-        volumeNode.GetIJKToRASMatrix(matrix)
-        return slicer.util.arrayFromVTKMatrix(matrix)
-
-    def volumeIJKToWorld(self, volumeNode) -> np.ndarray:
-        """IJK to world RAS, parent transform included (views live in world coordinates)."""
-        ijkToRAS = self.volumeIJKToRAS(volumeNode)
-        parent = volumeNode.GetParentTransformNode()
-        if parent is None:
-            return ijkToRAS
-        from ParaspinalSegLib.errors import InputError
-
-        if not parent.IsTransformToWorldLinear():
-            raise InputError(_("{volume} is under a non-linear transform; harden the transform first "
-                               "(Data module: right-click the volume, 'Harden transform').").format(
-                volume=volumeNode.GetName()))
-        localToWorld = vtk.vtkMatrix4x4()
-        parent.GetMatrixTransformToWorld(localToWorld)
-        return slicer.util.arrayFromVTKMatrix(localToWorld) @ ijkToRAS
 
     @staticmethod
     def redSliceNode():
@@ -723,169 +578,61 @@ class ParaspinalSegLogic(ScriptedLoadableModuleLogic):
             return sliceWidget.mrmlSliceNode()
         return slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeRed")
 
-    def redViewSlice(self, volumeNode) -> Optional[dict]:
-        """:func:`redViewSliceIndex` for the Red view and ``volumeNode`` (None if either is missing).
+    def redViewSlice(self, volumeNode):
+        """Which slice of ``volumeNode`` the Red view shows (a slice_view.ViewSlice; None without view or volume)."""
+        from ParaspinalSegLib import workflow
 
-        A volume under a non-linear transform counts as not aligned (its slices are curved in the view).
-        """
-        sliceNode = self.redSliceNode()
-        if sliceNode is None or volumeNode is None or volumeNode.GetImageData() is None:
-            return None
-        parent = volumeNode.GetParentTransformNode()
-        if parent is not None and not parent.IsTransformToWorldLinear():
-            return {"k": 0, "aligned": False, "inside": False, "angleDeg": float("nan"), "offset": 0.0}
-        sliceToRAS = slicer.util.arrayFromVTKMatrix(sliceNode.GetSliceToRAS())
-        return redViewSliceIndex(self.volumeIJKToWorld(volumeNode), sliceToRAS, volumeNode.GetImageData().GetDimensions())
+        return workflow.view_slice(volumeNode, self.redSliceNode())
 
-    def alignRedView(self, volumeNode) -> None:
+    @staticmethod
+    def alignRedView(volumeNode) -> None:
         """Show ``volumeNode`` in the Red view, rotated onto its slices and moved to the nearest one."""
-        self.checkVolume(volumeNode)
+        from ParaspinalSegLib import workflow
+
+        workflow.check_volume(volumeNode)
         layoutManager = slicer.app.layoutManager()
         sliceWidget = layoutManager.sliceWidget("Red") if layoutManager else None
         if sliceWidget is None:
             raise ValueError(_("There is no Red slice view in the current layout."))
-        sliceLogic = sliceWidget.sliceLogic()
-        compositeNode = sliceLogic.GetSliceCompositeNode()
+        compositeNode = sliceWidget.sliceLogic().GetSliceCompositeNode()
         if compositeNode.GetBackgroundVolumeID() != volumeNode.GetID():
             compositeNode.SetBackgroundVolumeID(volumeNode.GetID())
-        sliceNode = sliceLogic.GetSliceNode()
-        aligned = alignedSliceToRAS(self.volumeIJKToWorld(volumeNode),
-                                    slicer.util.arrayFromVTKMatrix(sliceNode.GetSliceToRAS()),
-                                    volumeNode.GetImageData().GetDimensions())
-        sliceNode.GetSliceToRAS().DeepCopy(slicer.util.vtkMatrixFromArray(aligned))
-        sliceNode.UpdateMatrices()
+        workflow.align_view(volumeNode, sliceWidget.mrmlSliceNode())
 
     #
-    # Segment, measure, export
+    # Segment, measure, export (ParaspinalSegLib.workflow, on Slicer's scene)
     #
-
-    @staticmethod
-    def _sliceSpacing(ijkToRAS, k: int) -> tuple:
-        """Pixel size (mm) of ``arr[k]`` along its axis 0 (J) and axis 1 (I)."""
-        from ParaspinalSegLib.preprocessing import slice_geometry_from_volume
-
-        geometry = slice_geometry_from_volume(ijkToRAS, k)
-        return (float(np.linalg.norm(geometry[:3, 0])), float(np.linalg.norm(geometry[:3, 1])))
 
     def segmentSlice(self, volumeNode, k: int, segmentationNode=None, level: str = "", method="auto",
-                     device: str = "auto", weightsPath=None, showBoxes: bool = True) -> dict:
-        """Segment slice ``k`` (of ``arr[k, j, i]``) of ``volumeNode``; write segments, boxes and table rows.
+                     device: str = "auto", weightsPath=None, showBoxes: bool = True):
+        """Segment slice ``k`` (of ``arr[k, j, i]``); write segments, boxes and table rows (all or nothing).
 
-        ``segmentationNode`` None reuses the segmentation made before for this volume or creates one.
-        ``method`` is "auto", "otsu" or a number (manual fat threshold). Everything that can fail (input,
-        model, network, measurements) runs before the first node is written, and a failure while
-        writing undoes what this call wrote, so no half-written node is left behind. Returns a dict
-        with segmentationNode, tableNode, result (SliceResult), measurements, k and seconds.
+        ``method`` is "auto", "otsu" or a number (manual fat threshold). Bad input is refused before the
+        model loads. Returns a workflow.SliceOutcome.
         """
-        from ParaspinalSegLib import scene
-        from ParaspinalSegLib.errors import InputError
-        from ParaspinalSegLib.measurements import measure_slice
+        from ParaspinalSegLib import workflow
 
-        start = time.perf_counter()
-        array = self.checkVolume(volumeNode)
-        k = int(k)
-        if not 0 <= k < array.shape[0]:
-            raise InputError(_("Slice {k} is outside {volume} (slices 0…{last}).").format(
-                k=k, volume=volumeNode.GetName(), last=array.shape[0] - 1))
-        ijkToRAS = self.volumeIJKToRAS(volumeNode)
-        segmenter = self.getSegmenter(weightsPath, device)
-        result = segmenter.segment_volume_slice(array, ijkToRAS, k)
-        records = measure_slice(array[k], result.labels, self._sliceSpacing(ijkToRAS, k), method)
-
-        # Only now touch the scene; remember what to undo if a writer fails half-way.
-        mrmlScene = slicer.mrmlScene
-        existingSegmentation = segmentationNode or scene.find_segmentation(mrmlScene, volumeNode)
-        previousLabels = (scene.read_slice_labels(existingSegmentation, volumeNode, k)
-                          if existingSegmentation is not None else None)
-        tableNode = scene.find_measurement_table(mrmlScene)
-        tableExisted = tableNode is not None
-        previousRows = [row for row in scene.rows_from_table(tableNode)
-                        if row["volume"] == volumeNode.GetName() and row["slice"] == k] if tableExisted else []
-        outputSegmentation = None
-        try:
-            outputSegmentation = scene.get_or_create_segmentation(mrmlScene, volumeNode, segmentationNode)
-            scene.write_slice_labels(outputSegmentation, volumeNode, k, result.labels)
-            tableNode = scene.get_or_create_measurement_table(mrmlScene)
-            scene.write_measurement_rows(tableNode, records, volume=volumeNode, slice_index=k, level=level,
-                                         model_version=result.model_version)
-            # clear_others: the boxes shown are always those of the slice segmented last.
-            scene.write_boxes(mrmlScene, volumeNode, k, result.boxes, clear_others=True)
-            scene.set_boxes_visible(mrmlScene, volumeNode, showBoxes)
-        except Exception:
-            self._undoSliceWrite(volumeNode, k, outputSegmentation, existingSegmentation, previousLabels,
-                                 tableExisted, previousRows)
-            raise
-        return {
-            "segmentationNode": outputSegmentation,
-            "tableNode": tableNode,
-            "result": result,
-            "measurements": records,
-            "k": k,
-            "seconds": time.perf_counter() - start,
-        }
+        workflow.check_slice(volumeNode, k)
+        ijkToWorld = workflow.volume_ijk_to_world(volumeNode)  # the patient frame, parent transform included
+        return workflow.segment_slice_into_scene(
+            slicer.mrmlScene, volumeNode, k, self.getSegmenter(weightsPath, device), segmentation_node=segmentationNode,
+            level=level, method=method, show_boxes=showBoxes, volume_ijk_to_ras=ijkToWorld)
 
     @staticmethod
-    def _undoSliceWrite(volumeNode, k, outputSegmentation, existingSegmentation, previousLabels,
-                        tableExisted, previousRows) -> None:
-        """Put back what segmentSlice wrote before a writer failed (best effort; the first error is re-raised)."""
-        from ParaspinalSegLib import scene
-
-        mrmlScene = slicer.mrmlScene
-        try:
-            tableNode = scene.find_measurement_table(mrmlScene)
-            if tableNode is not None and not tableExisted:
-                scene.remove_node(mrmlScene, tableNode)
-            elif tableNode is not None:
-                level = previousRows[0]["level"] if previousRows else ""
-                scene.write_measurement_rows(tableNode, previousRows, volume=volumeNode, slice_index=k, level=level)
-            if outputSegmentation is not None and existingSegmentation is None:
-                scene.remove_node(mrmlScene, outputSegmentation)
-            elif existingSegmentation is not None and previousLabels is not None:
-                scene.write_slice_labels(existingSegmentation, volumeNode, k, previousLabels)
-        except Exception:
-            logging.exception("ParaspinalSeg: could not undo a partial write")
-
-    @staticmethod
-    def describeOutcome(outcome: dict) -> str:
+    def describeOutcome(outcome) -> str:
         """Status line: what ran where, how long it took, and which structures were not found."""
-        from ParaspinalSegLib.anatomy import BY_VALUE
+        from ParaspinalSegLib import workflow
 
-        result = outcome["result"]
-        deviceName = "GPU" if str(result.device).startswith("cuda") else "CPU"
-        text = _("Segmented slice {k} on {device} in {seconds:.2f} s.").format(
-            k=outcome["k"], device=deviceName, seconds=result.seconds)
-        if result.missing:
-            text += " " + _("Not found: {names}.").format(names=", ".join(BY_VALUE[v].name for v in result.missing))
-        return text
+        return workflow.describe_outcome(outcome)
 
-    def updateMeasurements(self, volumeNode, k: int, segmentationNode=None, level: str = "", method="auto"):
-        """Recompute slice ``k``'s table rows from the segments as they are now (after manual edits).
+    @staticmethod
+    def updateMeasurements(volumeNode, k: int, segmentationNode=None, level: Optional[str] = None, method="auto"):
+        """Recompute slice ``k``'s rows from the segments as edited (level None: keep it); returns the table."""
+        from ParaspinalSegLib import workflow
 
-        Replaces exactly that slice's rows; the model version recorded when it was segmented is kept.
-        Returns the table node.
-        """
-        from ParaspinalSegLib import scene
-        from ParaspinalSegLib.errors import InputError
-        from ParaspinalSegLib.measurements import measure_slice
-
-        array = self.checkVolume(volumeNode)
-        segmentationNode = segmentationNode or scene.find_segmentation(slicer.mrmlScene, volumeNode)
-        if segmentationNode is None:
-            raise InputError(_("{volume} has no ParaspinalSeg segmentation yet: segment a slice first.").format(
-                volume=volumeNode.GetName()))
-        k = int(k)
-        if not 0 <= k < array.shape[0]:
-            raise InputError(_("Slice {k} is outside {volume} (slices 0…{last}).").format(
-                k=k, volume=volumeNode.GetName(), last=array.shape[0] - 1))
-        labels = scene.read_slice_labels(segmentationNode, volumeNode, k)
-        records = measure_slice(array[k], labels, self._sliceSpacing(self.volumeIJKToRAS(volumeNode), k), method)
-        tableNode = scene.get_or_create_measurement_table(slicer.mrmlScene)
-        previousVersions = {row["model_version"] for row in scene.rows_from_table(tableNode)
-                            if row["volume"] == volumeNode.GetName() and row["slice"] == k}
-        modelVersion = previousVersions.pop() if len(previousVersions) == 1 else ""
-        scene.write_measurement_rows(tableNode, records, volume=volumeNode, slice_index=k, level=level,
-                                     model_version=modelVersion)
-        return tableNode
+        return workflow.update_measurements(
+            slicer.mrmlScene, volumeNode, k, segmentation_node=segmentationNode, level=level, method=method,
+            volume_ijk_to_ras=workflow.volume_ijk_to_world(volumeNode))
 
     @staticmethod
     def measurementTable():
@@ -904,15 +651,9 @@ class ParaspinalSegLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def exportTableToCsv(tableNode, path) -> pathlib.Path:
         """Write ``tableNode`` to ``path`` as CSV (units in the header); returns the path written."""
-        from ParaspinalSegLib import scene
+        from ParaspinalSegLib import workflow
 
-        if tableNode is None or tableNode.GetNumberOfRows() == 0:
-            raise ValueError(_("There are no measurements yet: segment a slice first."))
-        path = pathlib.Path(path)
-        if path.suffix.lower() != ".csv":
-            path = path.with_name(path.name + ".csv")
-        scene.table_to_csv(tableNode, path)
-        return path
+        return workflow.export_measurements_csv(tableNode, path)
 
     @staticmethod
     def showResults(segmentationNode=None, tableNode=None) -> None:
@@ -932,9 +673,10 @@ class ParaspinalSegLogic(ScriptedLoadableModuleLogic):
 
 class ParaspinalSegTest(ScriptedLoadableModuleTest):
     """
-    Exercises the logic inside Slicer on a small synthetic volume the test makes itself.
-    The network part runs only where PyTorch is installed (with a tiny random-weight model),
-    so the test passes on Slicer's factory machines without PyTorch.
+    Exercises the module's logic inside Slicer, on Slicer's own scene, with a small synthetic volume.
+    The library (workflow, scene writers, Red view geometry) is tested headless in Testing/Python; this
+    checks the glue. The network part runs only where PyTorch is installed (with a tiny random-weight
+    model), so the test passes on Slicer's factory machines without PyTorch.
     """
 
     def setUp(self):
@@ -943,116 +685,87 @@ class ParaspinalSegTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         """Run as few or as many tests as needed here."""
-        self.setUp()
-        self.test_RedViewSliceIndex()
-        self.setUp()
-        self.test_MeasurementsAndExport()
-        self.setUp()
-        self.test_BadInput()
-        self.setUp()
-        self.test_SegmentSlice()
-
-    # Helpers
+        for test in (self.test_RedView, self.test_MeasurementsAndExport, self.test_BadInput, self.test_SegmentSlice):
+            self.setUp()
+            test()
 
     @staticmethod
     def _syntheticVolume(name="ParaspinalSegTestVolume"):
         """A 3-slice LPS-like axial volume (64 x 64, 0.8 mm pixels) with bright ellipses on a dark body."""
-        numSlices, rows, cols = 3, 64, 64
-        jj, ii = np.mgrid[0:rows, 0:cols]
-        array = np.zeros((numSlices, rows, cols), dtype=np.int16)
-        for k in range(numSlices):
-            body = ((ii - 32) / 28.0) ** 2 + ((jj - 32) / 22.0) ** 2 <= 1.0
-            array[k][body] = 300
-            for ci in (20, 44):  # two "muscles" either side of the midline
-                muscle = ((ii - ci) / 7.0) ** 2 + ((jj - 40) / 6.0) ** 2 <= 1.0
-                array[k][muscle] = 150
-                fat = ((ii - ci) / 2.0) ** 2 + ((jj - 40) / 2.0) ** 2 <= 1.0
-                array[k][fat] = 600
+        jj, ii = np.mgrid[0:64, 0:64]
+        array = np.zeros((3, 64, 64), dtype=np.int16)
+        for k in range(3):
+            array[k][((ii - 32) / 28.0) ** 2 + ((jj - 32) / 22.0) ** 2 <= 1.0] = 300
+            for ci in (20, 44):  # two "muscles" either side of the midline, with a fat spot each
+                array[k][((ii - ci) / 7.0) ** 2 + ((jj - 40) / 6.0) ** 2 <= 1.0] = 150
+                array[k][((ii - ci) / 2.0) ** 2 + ((jj - 40) / 2.0) ** 2 <= 1.0] = 600
         ijkToRAS = np.diag([-0.8, -0.8, 4.0, 1.0])  # I -> patient left, J -> posterior, K -> superior
         ijkToRAS[:3, 3] = (25.0, 25.0, -4.0)
-        volumeNode = slicer.util.addVolumeFromArray(array, ijkToRAS, name)
-        return volumeNode, array
+        return slicer.util.addVolumeFromArray(array, ijkToRAS, name), array
 
-    @staticmethod
-    def _syntheticLabels(array2d):
-        """Labels for one synthetic slice: the left/right ellipses as left/right multifidus (values 6/7)."""
-        labels = np.zeros(array2d.shape, dtype=np.uint8)
-        jj, ii = np.mgrid[0:array2d.shape[0], 0:array2d.shape[1]]
-        # Column 20 is patient RIGHT (I points to patient left), column 44 patient LEFT.
-        labels[((ii - 44) / 7.0) ** 2 + ((jj - 40) / 6.0) ** 2 <= 1.0] = 6
-        labels[((ii - 20) / 7.0) ** 2 + ((jj - 40) / 6.0) ** 2 <= 1.0] = 7
-        return labels
-
-    # Tests
-
-    def test_RedViewSliceIndex(self):
-        self.delayDisplay("Red view slice index")
-        ijkToRAS = np.diag([-0.8, -0.8, 4.0, 1.0])
-        ijkToRAS[:3, 3] = (25.0, 25.0, -4.0)
-        sliceToRAS = np.eye(4)
-        sliceToRAS[:3, 3] = (0.0, 0.0, 4.0)  # z = 4 mm is slice k = 2
-        view = redViewSliceIndex(ijkToRAS, sliceToRAS, (64, 64, 3))
-        self.assertEqual(view["k"], 2)
-        self.assertTrue(view["aligned"])
-        self.assertTrue(view["inside"])
-        tilted = sliceToRAS.copy()
-        tilted[:3, :3] = np.array([[1, 0, 0], [0, math.cos(0.2), -math.sin(0.2)], [0, math.sin(0.2), math.cos(0.2)]])
-        self.assertFalse(redViewSliceIndex(ijkToRAS, tilted, (64, 64, 3))["aligned"])
-        realigned = alignedSliceToRAS(ijkToRAS, tilted, (64, 64, 3))
-        self.assertTrue(redViewSliceIndex(ijkToRAS, realigned, (64, 64, 3))["aligned"])
+    def test_RedView(self):
+        self.delayDisplay("Red view alignment")
+        volumeNode, _array = self._syntheticVolume()
+        logic = ParaspinalSegLogic()
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is None or layoutManager.sliceWidget("Red") is None:
+            self.delayDisplay("No Red view in this session: skipped")
+            return
+        sliceNode = logic.redSliceNode()
+        sliceNode.SetOrientationToAxial()
+        tilt = vtk.vtkTransform()
+        tilt.RotateX(10.0)
+        tilted = vtk.vtkMatrix4x4()
+        vtk.vtkMatrix4x4.Multiply4x4(tilt.GetMatrix(), sliceNode.GetSliceToRAS(), tilted)
+        sliceNode.GetSliceToRAS().DeepCopy(tilted)
+        sliceNode.UpdateMatrices()
+        self.assertFalse(logic.redViewSlice(volumeNode).aligned)
+        logic.alignRedView(volumeNode)
+        view = logic.redViewSlice(volumeNode)
+        self.assertTrue(view.aligned and view.inside)
+        self.assertGreater(sliceNode.GetSliceToRAS().GetElement(1, 1), 0.99)  # anterior still up
         self.delayDisplay("Test passed")
 
     def test_MeasurementsAndExport(self):
-        """Scene and measurement path without the network: write labels, edit, re-measure, export CSV."""
+        """Measure, edit with Slicer's own API, re-measure, export CSV (no network needed)."""
         import tempfile
 
         from ParaspinalSegLib import scene
 
         self.delayDisplay("Measurements and CSV export")
-        volumeNode, array = self._syntheticVolume()
+        volumeNode, _array = self._syntheticVolume()
         logic = ParaspinalSegLogic()
         segmentationNode = scene.get_or_create_segmentation(slicer.mrmlScene, volumeNode)
-        labels = self._syntheticLabels(array[1])
+        labels = np.zeros((64, 64), dtype=np.uint8)
+        labels[34:47, 37:52] = 6  # left multifidus: columns > 32 are patient left (I points to the left)
         scene.write_slice_labels(segmentationNode, volumeNode, 1, labels)
-        self.assertEqual(segmentationNode.GetSegmentation().GetNumberOfSegments(), 9)
-        np.testing.assert_array_equal(scene.read_slice_labels(segmentationNode, volumeNode, 1), labels)
-
         tableNode = logic.updateMeasurements(volumeNode, 1, segmentationNode, level="L4/L5", method=400.0)
-        rows = [row for row in scene.rows_from_table(tableNode) if row["segment_id"] == "multifidus_left"]
-        self.assertEqual(len(rows), 1)
-        areaBefore = rows[0]["csa_mm2"]
-        self.assertGreater(areaBefore, 0.0)
-        numRows = tableNode.GetNumberOfRows()
-
-        # An "edit": remove the left multifidus from one row of pixels, then update the measurements.
-        edited = labels.copy()
-        edited[40][edited[40] == 6] = 0
-        scene.write_slice_labels(segmentationNode, volumeNode, 1, edited)
-        logic.updateMeasurements(volumeNode, 1, segmentationNode, level="L4/L5", method=400.0)
-        self.assertEqual(tableNode.GetNumberOfRows(), numRows)  # replaced, not added
-        rows = [row for row in scene.rows_from_table(tableNode) if row["segment_id"] == "multifidus_left"]
-        self.assertLess(rows[0]["csa_mm2"], areaBefore)
-
+        self.assertEqual(tableNode.GetNumberOfRows(), 9)
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, "multifidus_left", volumeNode)
+        mask[1, 40:, :] = 0
+        slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentationNode, "multifidus_left", volumeNode)
+        logic.updateMeasurements(volumeNode, 1, segmentationNode, method=400.0)  # level None: kept
+        rows = {row["segment_id"]: row for row in scene.rows_from_table(tableNode)}
+        self.assertEqual(len(rows), 9)
+        self.assertAlmostEqual(rows["multifidus_left"]["csa_mm2"], 6 * 15 * 0.8 * 0.8, places=6)
+        self.assertEqual(rows["multifidus_left"]["level"], "L4/L5")
         with tempfile.TemporaryDirectory() as folder:
-            path = logic.exportTableToCsv(tableNode, os.path.join(folder, "measurements.csv"))
-            text = pathlib.Path(path).read_text(encoding="utf-8")
-            self.assertIn("left multifidus", text)
-            self.assertIn("L4/L5", text)
-            self.assertIn("(mm2)", text)
+            text = logic.exportTableToCsv(tableNode, os.path.join(folder, "measurements")).read_text(encoding="utf-8")
+        for expected in ("left multifidus", "L4/L5", "(mm2)"):
+            self.assertIn(expected, text)
         self.delayDisplay("Test passed")
 
     def test_BadInput(self):
-        """Bad input gives an error and writes no node."""
+        """Bad input gives an error before the model loads (no PyTorch needed) and writes no node."""
         from ParaspinalSegLib.errors import InputError
 
         self.delayDisplay("Bad input")
         logic = ParaspinalSegLogic()
-        with self.assertRaises(InputError):
-            logic.checkVolume(None)
         volumeNode, _array = self._syntheticVolume()
         numNodes = slicer.mrmlScene.GetNumberOfNodes()
-        with self.assertRaises(InputError):
-            logic.segmentSlice(volumeNode, 7)  # only slices 0..2 exist; refused before the model loads
+        for badVolume, k in ((None, 0), (volumeNode, 7)):  # only slices 0..2 exist
+            with self.assertRaises(InputError):
+                logic.segmentSlice(badVolume, k)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), numNodes)
         self.delayDisplay("Test passed")
 
@@ -1077,15 +790,15 @@ class ParaspinalSegTest(ScriptedLoadableModuleTest):
             weightsPath = save_weights(model, os.path.join(folder, "tiny"), structures_learned=list(range(1, 10)),
                                        model_input=ModelInput(spacing_mm=1.6, size=64))
             outcome = logic.segmentSlice(volumeNode, 1, level="L4/L5", device="cpu", weightsPath=weightsPath)
-            segmentationNode = outcome["segmentationNode"]
+            segmentationNode = outcome.segmentation_node
             self.assertEqual(segmentationNode.GetSegmentation().GetNumberOfSegments(), 9)
-            self.assertEqual(outcome["result"].labels.shape, array[1].shape)
+            self.assertEqual(outcome.result.labels.shape, array[1].shape)
             self.assertIn("CPU", logic.describeOutcome(outcome))
             # The cached segmenter is reused for the same weights and device, and a second slice
             # goes into the same segmentation.
             segmenter = logic.getSegmenter(weightsPath, "cpu")
             again = logic.segmentSlice(volumeNode, 0, device="cpu", weightsPath=weightsPath)
-            self.assertIs(again["segmentationNode"], segmentationNode)
+            self.assertIs(again.segmentation_node, segmentationNode)
             self.assertIs(logic.getSegmenter(weightsPath, "cpu"), segmenter)
 
             # An all-zero slice is refused and leaves the scene unchanged.

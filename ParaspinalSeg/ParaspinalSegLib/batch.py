@@ -3,7 +3,8 @@
 For one slice :func:`segment_volume_to_folder` writes, into the output folder:
 
 - ``<name>.seg.nrrd``: the nine named segments (IDs, names, colours, terminology) on the volume's grid,
-  written by the same scene writers the Slicer module uses, on a headless MRML scene;
+  made by the Slicer module's own code path (:func:`workflow.segment_slice_into_scene`: segmenter,
+  measurements, scene writers) on a headless MRML scene;
 - ``<name>_labels.nii.gz``: label values of the anatomy table on the input volume's grid and geometry
   (only the segmented slice is non-zero);
 - ``<name>_boxes.mrk.json``: one markups ROI per found structure, all in one Slicer markups file
@@ -176,36 +177,33 @@ def write_boxes_file(roi_nodes: Sequence[Any], path: str | os.PathLike, scratch:
     return out
 
 
-def _write_scene_outputs(volume: Volume, k: int, level: str, result: Any, rows: Sequence[Any],
-                         paths: dict[str, Path], scratch: Path) -> None:
-    """Segmentation, boxes and measurement table through the scene writers on a headless MRML scene."""
+def _segment_in_headless_scene(volume: Volume, k: int, segmenter: Any, level: str, threshold_method: Any,
+                               paths: dict[str, Path], scratch: Path) -> Any:
+    """Segment and write segmentation, boxes and table through the Slicer button's own code path
+    (:func:`workflow.segment_slice_into_scene`) on a headless MRML scene; return its outcome."""
     from . import scene as writers
     from .headless import create_headless_scene
+    from .workflow import segment_slice_into_scene
 
     mrml, app_logic = create_headless_scene()
     try:
         volume_node = _add_volume_node(mrml, volume)
-        try:
-            segmentation = writers.get_or_create_segmentation(mrml, volume_node)
-            writers.write_slice_labels(segmentation, volume_node, k, result.labels)
-            rois = writers.write_boxes(mrml, volume_node, k, result.boxes)
-            table = writers.get_or_create_measurement_table(mrml)
-            writers.write_measurement_rows(
-                table, rows, volume=volume_node, slice_index=k, level=level, model_version=result.model_version
-            )
-        except writers.SceneWriteError as exc:
-            raise InputError(str(exc)) from None
-
+        outcome = segment_slice_into_scene(
+            mrml, volume_node, k, segmenter, level=level, method=threshold_method, volume_ijk_to_ras=volume.ijk_to_ras
+        )
+        segmentation = outcome.segmentation_node
         storage = segmentation.CreateDefaultStorageNode()
         mrml.AddNode(storage)
         storage.SetFileName(str(paths["segmentation"]))
         if not storage.WriteData(segmentation):
             raise OSError(f"could not write {paths['segmentation'].name}")
+        rois = outcome.box_nodes
         write_boxes_file([rois[v] for v in sorted(rois)], paths["boxes"], scratch)
-        writers.table_to_csv(table, paths["measurements"])
+        writers.table_to_csv(outcome.table_node, paths["measurements"])
     finally:
         mrml.Clear(1)
         del app_logic
+    return outcome
 
 
 def segment_volume_to_folder(
@@ -223,9 +221,8 @@ def segment_volume_to_folder(
     ``k=None`` is allowed for single-slice volumes. Files are named after ``name`` (default: the
     volume's name). Raises :class:`InputError` for unusable input; nothing is written then.
     """
-    from .measurements import measure_slice
     from .overlay import save_overlay
-    from .preprocessing import pixel_spacing, slice_geometry_from_volume
+    from .preprocessing import slice_geometry_from_volume
 
     t0 = time.perf_counter()
     k = resolve_slice(volume, k)
@@ -234,28 +231,20 @@ def segment_volume_to_folder(
     name = name or volume.name
     out = Path(out_dir)
 
-    t_net = time.perf_counter()
-    result = segmenter.segment_volume_slice(volume.array, volume.ijk_to_ras, k)
-    network_s = time.perf_counter() - t_net
-    t_write = time.perf_counter()
-    slice_m = slice_geometry_from_volume(volume.ijk_to_ras, k)
-    image = volume.array[k]
-    try:
-        rows = measure_slice(image, result.labels, pixel_spacing(slice_m), threshold_method)
-    except ValueError as exc:  # e.g. an unknown threshold method
-        raise InputError(str(exc)) from None
-
     with tempfile.TemporaryDirectory(prefix="paraspinalseg-") as tmp:
         tmp_path = Path(tmp)
         staged = output_paths(tmp_path, name)
         scratch = tmp_path / "scratch"
         scratch.mkdir()
-        _write_scene_outputs(volume, k, level, result, rows, staged, scratch)
+        outcome = _segment_in_headless_scene(volume, k, segmenter, level, threshold_method, staged, scratch)
+        result = outcome.result
+        t_write = time.perf_counter()
         labels = np.zeros(volume.array.shape, np.uint8)
         labels[k] = result.labels
         write_label_volume(labels, volume, staged["labels"])
         title = f"{name}\nslice {k}" + (f", {level}" if level else "")
-        save_overlay(staged["overlay"], image, result.labels, slice_m, result.boxes, title=title)
+        save_overlay(staged["overlay"], volume.array[k], result.labels, slice_geometry_from_volume(volume.ijk_to_ras, k),
+                     result.boxes, title=title)
         # Every output exists: only now touch the output folder.
         out.mkdir(parents=True, exist_ok=True)
         final = output_paths(out, name)
@@ -272,7 +261,11 @@ def segment_volume_to_folder(
         missing=list(result.missing),
         device=str(result.device),
         model_version=str(result.model_version),
-        seconds={"network": network_s, "write": t_end - t_write, "total": t_end - t0},
+        seconds={
+            "network": outcome.seconds["segment"],
+            "write": outcome.seconds["measure"] + outcome.seconds["write"] + t_end - t_write,
+            "total": t_end - t0,
+        },
     )
 
 

@@ -4,20 +4,19 @@ ParaspinalSeg.py imports qt/ctk/slicer.app, which exist only inside Slicer, so i
 ``ast`` (never imported) and the .ui with ``xml.etree``. The checks catch what otherwise shows up
 only when a user opens the module: a widget name used in code but missing in the .ui, a
 SlicerParameterName without a parameter (or with a widget the parameter node wrapper cannot bind),
-a file the extension build would not package, a torch import at module load. The two pure geometry
-functions (Red view slice index, view alignment) are compiled from the module's own source and run.
+a file the extension build would not package, a torch import at module load, logic that does the
+work itself instead of calling the library. (The Red view geometry that used to live in the module is
+now ``ParaspinalSegLib.slice_view``, tested in test_slice_view.py.)
 """
 
 from __future__ import annotations
 
 import ast
-import math
 import re
 import struct
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 MODULE_DIR = Path(__file__).resolve().parents[2]  # .../ParaspinalSeg
@@ -142,20 +141,6 @@ def cmake_set_value(text: str, variable: str) -> str:
     match = re.search(r"set\(\s*" + re.escape(variable) + r'\s+"([^"]*)"\s*\)', text)
     assert match, f'set({variable} "...") not found'
     return match.group(1)
-
-
-def load_pure_function(tree: ast.Module, name: str, extra_names: tuple[str, ...] = ()):
-    """Compile one module-level function (and the constants it names) from ParaspinalSeg.py's source."""
-    wanted = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in (name, *extra_names)]
-    constants = [
-        n for n in tree.body
-        if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name)
-        and n.targets[0].id.isupper() and isinstance(n.value, ast.Constant)
-    ]
-    namespace: dict = {"np": np, "math": math}
-    code = compile(ast.Module(body=constants + wanted, type_ignores=[]), str(MODULE_PY), "exec")
-    exec(code, namespace)
-    return namespace[name]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -371,82 +356,35 @@ def test_requirements_leave_slicer_packages_alone():
 
 
 # ------------------------------------------------------------------------------------------------
-# Red view geometry, run from the module's own source
+# The module is glue: the work is done by the library
 
 
-def _ijk_to_ras(directions, spacing, origin):
-    m = np.eye(4)
-    m[:3, :3] = np.asarray(directions, float) @ np.diag(spacing)
-    m[:3, 3] = origin
-    return m
+def _calls(function: ast.FunctionDef) -> set[str]:
+    """Dotted names of everything ``function`` calls (``workflow.update_measurements``, ``self.x``, ...)."""
+    return {ast.unparse(node.func) for node in ast.walk(function) if isinstance(node, ast.Call)}
 
 
-def _axial_slice_to_ras(z, rotation=np.eye(3)):
-    s = np.eye(4)
-    s[:3, :3] = np.asarray(rotation) @ np.diag([-1.0, 1.0, 1.0])  # Slicer's axial default: x to patient left
-    s[:3, 3] = (3.0, -7.0, z)
-    return s
-
-
-def _rotation(axis, degrees):
-    a = math.radians(degrees)
-    c, s = math.cos(a), math.sin(a)
-    return {"x": np.array([[1, 0, 0], [0, c, -s], [0, s, c]]),
-            "y": np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]),
-            "z": np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])}[axis]
-
-
-@pytest.mark.parametrize(
-    "directions",
-    [np.diag([-1.0, -1.0, 1.0]), np.eye(3), np.diag([1.0, -1.0, -1.0])],  # LPS-like, RAS, K pointing inferior
-    ids=["LPS", "RAS", "K-inferior"],
-)
-def test_red_view_slice_index_axial(module_tree, directions):
-    index = load_pure_function(module_tree, "redViewSliceIndex")
-    m = _ijk_to_ras(directions, (0.7, 0.7, 4.0), (20.0, 30.0, -12.0))
-    dims = (64, 64, 5)
-    for k in range(5):
-        z = (m @ np.array([10.0, 20.0, k, 1.0]))[2]
-        view = index(m, _axial_slice_to_ras(z + 0.9), dims)  # 0.9 mm off the slice centre: still slice k
-        assert view["k"] == k and view["aligned"] and view["inside"], (k, view)
-        assert abs(view["offset"]) < 0.5
-    outside = index(m, _axial_slice_to_ras(m[2, 3] + 5 * 4.0 * directions[2][2]), dims)
-    assert outside["k"] == 5 and not outside["inside"]
-
-
-def test_red_view_slice_index_oblique_volume(module_tree):
-    index = load_pure_function(module_tree, "redViewSliceIndex")
-    tilt = _rotation("x", 12.0) @ _rotation("z", 20.0)
-    m = _ijk_to_ras(tilt @ np.diag([-1.0, -1.0, 1.0]), (0.8, 0.8, 3.5), (5.0, 5.0, 5.0))
-    dims = (48, 40, 6)
-    # A plain axial view cuts through several slices of a tilted volume: not aligned.
-    plain = index(m, _axial_slice_to_ras((m @ [20, 20, 3, 1])[2]), dims)
-    assert not plain["aligned"] and plain["angleDeg"] == pytest.approx(12.0, abs=0.5)
-    # A view rotated with the volume is aligned and reports the slice under its centre.
-    s = _axial_slice_to_ras(0.0, tilt)
-    s[:3, 3] = (m @ np.array([20.0, 10.0, 4.0, 1.0]))[:3]
-    view = index(m, s, dims)
-    assert view["aligned"] and view["k"] == 4
-
-
-@pytest.mark.parametrize("tilt_deg", [0.0, 7.0, 25.0])
-def test_aligned_slice_to_ras_snaps_onto_a_volume_slice(module_tree, tilt_deg):
-    index = load_pure_function(module_tree, "redViewSliceIndex")
-    align = load_pure_function(module_tree, "alignedSliceToRAS")
-    volume_rotation = _rotation("x", tilt_deg)
-    m = _ijk_to_ras(volume_rotation @ np.diag([-1.0, -1.0, 1.0]), (0.75, 0.75, 4.0), (40.0, 50.0, -30.0))
-    dims = (80, 80, 7)
-    start = _axial_slice_to_ras((m @ [40, 40, 2.3, 1])[2], _rotation("y", 4.0))
-    aligned = align(m, start, dims)
-    rotation = aligned[:3, :3]
-    np.testing.assert_allclose(rotation.T @ rotation, np.eye(3), atol=1e-9)  # orthonormal
-    assert np.linalg.det(rotation) == pytest.approx(1.0)  # right-handed: the view is not mirrored
-    view = index(m, aligned, dims)
-    assert view["aligned"] and view["inside"] and view["angleDeg"] < 1e-6
-    assert abs(view["offset"]) < 1e-9  # exactly on a voxel slice centre
-    # The look is kept: screen x still points to patient left, normal still superior-ish.
-    assert aligned[0, 0] < -0.9 and aligned[2, 2] > 0.8
-    # Far outside the volume, the view is brought back onto its last slice.
-    far = start.copy()
-    far[2, 3] += 500.0
-    assert index(m, align(m, far, dims), dims)["k"] == dims[2] - 1
+def test_logic_delegates_to_the_library(module_tree):
+    logic = {n.name: n for n in class_def(module_tree, "ParaspinalSegLogic").body if isinstance(n, ast.FunctionDef)}
+    expected = {
+        "segmentSlice": "workflow.segment_slice_into_scene",
+        "updateMeasurements": "workflow.update_measurements",
+        "describeOutcome": "workflow.describe_outcome",
+        "exportTableToCsv": "workflow.export_measurements_csv",
+        "redViewSlice": "workflow.view_slice",
+        "alignRedView": "workflow.align_view",
+    }
+    for method, library_call in expected.items():
+        assert library_call in _calls(logic[method]), f"ParaspinalSegLogic.{method} must call {library_call}"
+    # Bad input is refused before the (slow, torch-needing) model load.
+    statements = [ast.unparse(st) for st in logic["segmentSlice"].body]
+    check = next(i for i, st in enumerate(statements) if "workflow.check_slice(" in st)
+    load = next(i for i, st in enumerate(statements) if "self.getSegmenter(" in st)
+    assert check < load
+    # No MRML writing, measuring or geometry by hand outside the self-test: those live in the library.
+    glue = MODULE_PY.read_text(encoding="utf-8").split("class ParaspinalSegTest")[0]
+    for library_only in ("measure_slice(", "write_slice_labels(", "write_measurement_rows(", "write_boxes(",
+                         "slice_geometry_from_volume(", "np.linalg", "remove_node("):
+        assert library_only not in glue, f"{library_only} belongs in ParaspinalSegLib, not in ParaspinalSeg.py"
+    module_functions = {n.name for n in module_tree.body if isinstance(n, ast.FunctionDef)}
+    assert module_functions == {"registerTerminology"}, module_functions
