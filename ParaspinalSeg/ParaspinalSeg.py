@@ -521,7 +521,7 @@ class ParaspinalSegLogic(ScriptedLoadableModuleLogic):
             packaging.pip_ensure(packaging.load_requirements(str(REQUIREMENTS_FILE)),
                                  prompt_install=False, requester="ParaspinalSeg")
         else:
-            requirements = [line.strip() for line in REQUIREMENTS_FILE.read_text().splitlines()
+            requirements = [line.strip() for line in REQUIREMENTS_FILE.read_text(encoding="utf-8").splitlines()
                             if line.strip() and not line.strip().startswith("#")]
             if requirements:
                 slicer.util.pip_install(" ".join(requirements))

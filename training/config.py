@@ -107,7 +107,7 @@ def load_config(path_or_name: str | Path | Mapping[str, Any] | None = None, **ov
             path = CONFIG_DIR / f"{path_or_name}.json"
         if not path.exists():
             raise FileNotFoundError(f"config {path_or_name!r} not found (looked in {path} and {CONFIG_DIR})")
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     config = _merge(DEFAULTS, data, "")
     config = _merge(config, overrides, "")
     if config["loss"]["partial_label"] not in ("marginal", "ignore"):

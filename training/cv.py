@@ -75,7 +75,7 @@ def cross_validate(
     }
     scope = f"{k}-fold" if len(run_folds) == k else f"fold(s) {run_folds} of a {k}-fold"
     paths = write_report(rows, out, title=f"{config['name']}: {scope} subject-wise cross-validation")
-    (out / "cv_metrics.json").write_text(json.dumps(_json_safe({**metrics, "folds": fold_cases}), indent=1))
+    (out / "cv_metrics.json").write_text(json.dumps(_json_safe({**metrics, "folds": fold_cases}), indent=1), encoding="utf-8")
     result = {"rows": rows, "folds": fold_cases, "metrics": metrics, "paths": paths}
     if final_model:
         info = {"folds": {"k": k, "seed": int(config["seed"]), "held_out_cases": fold_cases}, "cross_validation": metrics}

@@ -90,7 +90,7 @@ def load_source_folder(folder: str | Path, limit: Optional[int] = None) -> list[
     manifest = folder / "manifest.csv"
     if not manifest.exists():
         raise FileNotFoundError(f"{folder} has no manifest.csv (not a ParaspinalSeg data folder)")
-    with open(manifest, newline="") as f:
+    with open(manifest, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     if limit is not None:
         rows = rows[:limit]

@@ -86,7 +86,7 @@ def write_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, title: str
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"per_slice": out / "per_slice.csv", "summary": out / "summary.csv", "report": out / "report.md"}
-    with open(paths["per_slice"], "w", newline="") as f:
+    with open(paths["per_slice"], "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=SLICE_COLUMNS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
@@ -95,7 +95,7 @@ def write_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, title: str
     summary = summary_csv_rows(rows)
     for fold in folds:
         summary += summary_csv_rows([r for r in rows if str(r.get("fold")) == fold], fold=f"fold {fold}")
-    with open(paths["summary"], "w", newline="") as f:
+    with open(paths["summary"], "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(summary[0]) if summary else ["fold"])
         w.writeheader()
         w.writerows(summary)
@@ -107,5 +107,5 @@ def write_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, title: str
     md += ["", "Mean ± SD over slices. Dice and HD95 only over structures the slice's source annotates "
            "(255 ground-truth pixels count as 'not this structure'); detection: true positive when the "
            "structure is present and the detector box has IoU ≥ 0.5 with the ground-truth box."]
-    paths["report"].write_text("\n".join(md) + "\n")
+    paths["report"].write_text("\n".join(md) + "\n", encoding="utf-8")
     return paths

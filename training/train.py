@@ -274,7 +274,7 @@ def train(
                     },
                     ckpt_path,
                 )
-            (out / "history.json").write_text(json.dumps(_json_safe(history), indent=1))
+            (out / "history.json").write_text(json.dumps(_json_safe(history), indent=1), encoding="utf-8")
         if ddp:
             torch.distributed.barrier()
     bar.close()

@@ -161,7 +161,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     results = run(args.size, args.runs, args.threads, args.device, args.weights, args.base_width)
     _print_table(results, args.threads, args.device)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
     return 0
 
 

@@ -135,7 +135,7 @@ def load_slices(data_dir: Path) -> list[SliceData]:
     if not manifest.is_file():
         raise FileNotFoundError(f"no manifest.csv in {data_dir}")
     out: list[SliceData] = []
-    with manifest.open(newline="") as fh:
+    with manifest.open(newline="", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
             extras = [e for e in (row.get("extra_files") or "").split(";") if e.endswith("_fat.nii.gz")]
             if not extras:
@@ -313,11 +313,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     summary = summarise(rows)
     sweep = cut_sweep(slices)
     args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / "fat_validation_rows.csv").open("w", newline="") as fh:
+    with (args.out / "fat_validation_rows.csv").open("w", newline="", encoding="utf-8") as fh:
         wr = csv.DictWriter(fh, fieldnames=list(rows[0]))
         wr.writeheader()
         wr.writerows(rows)
-    with (args.out / "fat_validation_summary.csv").open("w", newline="") as fh:
+    with (args.out / "fat_validation_summary.csv").open("w", newline="", encoding="utf-8") as fh:
         wr = csv.DictWriter(fh, fieldnames=list(summary[0]))
         wr.writeheader()
         wr.writerows(summary)
@@ -328,7 +328,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         + "\nIdeal classifiers at other cuts (fat % = pixels with Dixon FF > cut):\n\n"
         + sweep_table(sweep)
     )
-    (args.out / "fat_validation.md").write_text(md)
+    (args.out / "fat_validation.md").write_text(md, encoding="utf-8")
     bland_altman_png(rows, args.out / "bland_altman.png")
     print(md)
     print(f"wrote {args.out}/fat_validation_rows.csv, fat_validation_summary.csv, fat_validation.md, bland_altman.png")

@@ -11,11 +11,13 @@ Needs numpy and SimpleITK only (both exist in Slicer's Python).
 
 from __future__ import annotations
 
+import contextlib
+import locale
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -101,7 +103,27 @@ def _embed_2d_geometry(image) -> tuple[tuple, tuple, tuple]:
     return tuple(o), tuple(s), tuple(d.ravel().tolist())
 
 
+@contextlib.contextmanager
+def preserved_locale() -> Iterator[None]:
+    """Restore the process's C locale afterwards: GDCM (SimpleITK's DICOM I/O) switches it to "C", which
+    turns Python's default text encoding into ASCII for the rest of the process (and Slicer's)."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        try:
+            locale.setlocale(locale.LC_ALL, saved)
+        except locale.Error:  # pragma: no cover - a composite locale string the C library refuses
+            for category in (locale.LC_CTYPE, locale.LC_NUMERIC):
+                locale.setlocale(category, "")
+
+
 def _read_dicom_folder(folder: Path):
+    with preserved_locale():
+        return _read_dicom_series(folder)
+
+
+def _read_dicom_series(folder: Path):
     import SimpleITK as sitk
 
     # GDCM warns on stderr ("No Series were found") for folders without DICOM; we say it in one line.

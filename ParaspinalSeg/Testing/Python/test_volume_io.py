@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import locale
+
 import numpy as np
 import pytest
 
@@ -82,16 +84,19 @@ def test_dicom_series_folder(tmp_path):
     folder.mkdir()
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    for k in range(arr.shape[0]):
-        s = img[:, :, k]
-        s.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1.7")
-        s.SetMetaData("0008|0060", "MR")
-        s.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
-        s.SetMetaData("0020|0032", "\\".join(str(x) for x in img.TransformIndexToPhysicalPoint((0, 0, k))))
-        s.SetMetaData("0020|0013", str(k))
-        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
-        writer.Execute(s)
+    with volume_io.preserved_locale():  # GDCM's writer switches the C locale too
+        for k in range(arr.shape[0]):
+            s = img[:, :, k]
+            s.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1.7")
+            s.SetMetaData("0008|0060", "MR")
+            s.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
+            s.SetMetaData("0020|0032", "\\".join(str(x) for x in img.TransformIndexToPhysicalPoint((0, 0, k))))
+            s.SetMetaData("0020|0013", str(k))
+            writer.SetFileName(str(folder / f"{k:03d}.dcm"))
+            writer.Execute(s)
+    before = locale.setlocale(locale.LC_ALL)
     vol = volume_io.read_volume(folder)
+    assert locale.setlocale(locale.LC_ALL) == before  # reading DICOM leaves the host's locale alone
     assert vol.name == "series"
     np.testing.assert_array_equal(vol.array, arr)
     np.testing.assert_allclose(np.diag(vol.ijk_to_ras)[:3], [-0.8, -0.9, 4.0], atol=1e-6)
