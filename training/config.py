@@ -23,6 +23,9 @@ DEFAULTS: dict[str, Any] = {
     "model_input": {"spacing_mm": 0.8, "size": 256},
     # Intensity normalisation recorded with the weights (preprocessing.NormalisationConfig).
     "normalisation": {"method": "percentile", "low": 0.5, "high": 99.5},
+    # Dixon sources (a *_fat image next to the water image): also train on the in-phase image water + fat,
+    # whose bright fat resembles T2 TSE (training.data.load_source_folder).
+    "dixon_in_phase": True,
     "epochs": 200,
     "batch_size": 4,
     "seed": 0,

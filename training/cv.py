@@ -93,7 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="run only these folds of the same split (the report says which)")
     args = ap.parse_args(argv)
     config = config_from_args(args)
-    records = load_sources(args.data, args.pair, limit=args.limit)
+    records = load_sources(args.data, args.pair, limit=args.limit, dixon_in_phase=bool(config["dixon_in_phase"]))
     res = cross_validate(config, records, args.out, args.folds, resume=args.resume, device=args.device, final_model=args.final_model,
                          only_folds=args.only_folds)
     if "metrics" in res:

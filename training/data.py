@@ -18,6 +18,7 @@ onto the same grid with ``grid.to_model(order=0)``; :class:`PreparedData` holds 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,10 +80,14 @@ def _parse_classes(text: str) -> list[int]:
     return [int(t) for t in str(text).replace(",", ";").split(";") if t.strip()]
 
 
-def load_source_folder(folder: str | Path, limit: Optional[int] = None) -> list[SliceRecord]:
+def load_source_folder(folder: str | Path, limit: Optional[int] = None, dixon_in_phase: bool = False) -> list[SliceRecord]:
     """Read a ``../shared/data``-style source folder (``manifest.csv`` + NIfTI pairs).
 
     ``limit``: read only the first ``limit`` manifest rows (tests).
+    ``dixon_in_phase``: for slices that come with a Dixon fat image (``*_fat.nii.gz`` in ``extra_files``), also
+    add the in-phase image water + fat as a second record of the same subject. The Dixon water image has
+    dark fat; T2 TSE, the contrast users bring, has bright fat. Seeing both teaches the network that the
+    muscles, not the brightness of the fat around them, define the structures.
     """
     import nibabel as nib
 
@@ -109,18 +114,27 @@ def load_source_folder(folder: str | Path, limit: Optional[int] = None) -> list[
         # A label of an untrusted class (should not occur) is treated as not annotated.
         bad = (lab != NOT_ANNOTATED) & (lab != 0) & ~trusted[np.minimum(lab, NUM_CLASSES - 1)]
         lab = np.where(bad | (lab >= NUM_CLASSES) & (lab != NOT_ANNOTATED), NOT_ANNOTATED, lab).astype(np.uint8)
-        records.append(
-            SliceRecord(
-                source=folder.name,
-                case_id=row["case_id"],
-                subject_id=row.get("subject_id") or row["case_id"],
-                image=np.asarray(a),
-                labels=lab,
-                slice_ijk_to_ras=slice_geometry_from_nifti_affine(img.affine, 0),
-                trusted=trusted,
-                info={"file": row["img_file"]},
-            )
+        record = SliceRecord(
+            source=folder.name,
+            case_id=row["case_id"],
+            subject_id=row.get("subject_id") or row["case_id"],
+            image=np.asarray(a),
+            labels=lab,
+            slice_ijk_to_ras=slice_geometry_from_nifti_affine(img.affine, 0),
+            trusted=trusted,
+            info={"file": row["img_file"]},
         )
+        records.append(record)
+        fat_files = [f for f in (row.get("extra_files") or "").split(";") if f.strip().endswith("_fat.nii.gz")]
+        if dixon_in_phase and fat_files:
+            fat = np.asanyarray(nib.load(str(folder / fat_files[0].strip())).dataobj)
+            fat = fat[:, :, 0] if fat.ndim == 3 else fat
+            if fat.shape != a.shape:
+                raise ValueError(f"{row['case_id']}: fat image {fat.shape} and water image {a.shape} differ")
+            in_phase = np.asarray(a, np.float32) + np.asarray(fat, np.float32)
+            records.append(dataclasses.replace(
+                record, case_id=record.case_id + "_inphase", image=in_phase,
+                info={"file": row["img_file"], "contrast": "in-phase (Dixon water + fat)"}))
     return records
 
 
@@ -206,11 +220,13 @@ def load_slicer_pair(
     return records
 
 
-def load_sources(folders: Sequence[str | Path] = (), pairs: Sequence[Sequence[str]] = (), limit: Optional[int] = None) -> list[SliceRecord]:
-    """Read several sources into one list. ``pairs``: ``(volume, seg.nrrd, [k, ...])`` tuples."""
+def load_sources(folders: Sequence[str | Path] = (), pairs: Sequence[Sequence[str]] = (), limit: Optional[int] = None,
+                 dixon_in_phase: bool = False) -> list[SliceRecord]:
+    """Read several sources into one list. ``pairs``: ``(volume, seg.nrrd, [k, ...])`` tuples.
+    ``dixon_in_phase``: see :func:`load_source_folder`."""
     records: list[SliceRecord] = []
     for folder in folders:
-        records += load_source_folder(folder, limit=limit)
+        records += load_source_folder(folder, limit=limit, dixon_in_phase=dixon_in_phase)
     for pair in pairs:
         if len(pair) < 2:
             raise ValueError(f"a Slicer pair needs VOLUME SEGMENTATION [K ...], got {list(pair)}")

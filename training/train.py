@@ -319,7 +319,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--benchmark-steps", type=int, default=None, help="time N steps, print seconds/epoch, exit")
     args = ap.parse_args(argv)
     config = config_from_args(args)
-    records = load_sources(args.data, args.pair, limit=args.limit)
+    records = load_sources(args.data, args.pair, limit=args.limit, dixon_in_phase=bool(config["dixon_in_phase"]))
     val: list[SliceRecord] = []
     info: dict[str, Any] = {"folds": None}
     if args.fold is not None:

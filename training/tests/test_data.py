@@ -81,3 +81,20 @@ def test_shared_data_folder():
     lab = data.labels.numpy()
     for i in range(3):  # the left multifidus lies on the canonical image's right half (patient left)
         assert np.nonzero(lab[i] == 6)[1].mean() > np.nonzero(lab[i] == 7)[1].mean()
+
+
+@pytest.mark.skipif(not (DATA / "myosegmentum_lpm" / "manifest.csv").exists(), reason=f"shared data not found at {DATA}")
+def test_dixon_in_phase_copy_is_water_plus_fat_of_the_same_subject():
+    import nibabel as nib
+
+    plain = load_source_folder(DATA / "myosegmentum_lpm", limit=2)
+    both = load_source_folder(DATA / "myosegmentum_lpm", limit=2, dixon_in_phase=True)
+    assert len(plain) == 2 and len(both) == 4
+    water, in_phase = both[0], both[1]
+    assert in_phase.case_id == water.case_id + "_inphase" and in_phase.group == water.group
+    fat = np.asanyarray(nib.load(str(DATA / "myosegmentum_lpm" / f"{water.case_id}_fat.nii.gz")).dataobj)[:, :, 0]
+    np.testing.assert_allclose(in_phase.image, water.image.astype(np.float32) + fat.astype(np.float32))
+    np.testing.assert_array_equal(in_phase.labels, water.labels)
+    np.testing.assert_array_equal(in_phase.slice_ijk_to_ras, water.slice_ijk_to_ras)
+    # Splits stay by subject: the two contrasts of a slice never land in different folds.
+    assert {r.group for r in both} == {r.group for r in plain}
