@@ -175,6 +175,7 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._redSliceNode = None
         self._redView = None  # last slice_view.ViewSlice of the Red view (None: no volume/view)
+        self._volumeProblem = ""  # why the input volume cannot be used (e.g. an RGB volume), "" if it can
         self._shownWeightsPath = None
         self._boxesShown = None
 
@@ -270,6 +271,14 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         """Enable buttons and widgets that make sense for the current parameters and Red view."""
+        node = self._parameterNode
+        if node and node.inputVolume and node.outputSegmentation:
+            # The output still points at another volume's results (the input was switched): use this
+            # volume's own segmentation, or a new one, instead of writing into the other volume's.
+            owner = self.logic.segmentationVolume(node.outputSegmentation)
+            if owner is not None and owner is not node.inputVolume:
+                node.outputSegmentation = self.logic.findSegmentation(node.inputVolume)
+                return  # the parameter change calls this method again
         self._updateSliceInfo()
         self._updateModelInfo()
         node = self._parameterNode
@@ -308,7 +317,14 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Show which slice the Red view shows, or why it cannot be segmented."""
         node = self._parameterNode
         volumeNode = node.inputVolume if node else None
-        self._redView = view = self.logic.redViewSlice(volumeNode) if volumeNode else None
+        from ParaspinalSegLib.errors import InputError
+
+        try:
+            self._redView = view = self.logic.redViewSlice(volumeNode) if volumeNode else None
+            self._volumeProblem = ""
+        except InputError as exc:  # e.g. an RGB or 4-D volume picked as input
+            self._redView = view = None
+            self._volumeProblem = str(exc)
         numSlices = view and volumeNode.GetImageData().GetDimensions()[2]
         self.ui.sliceIndexLabel.text = _("{k} of 0…{last}").format(k=view.k, last=numSlices - 1) if view else "–"
         warning = self._viewProblem() if volumeNode else ""
@@ -321,6 +337,8 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node, view = self._parameterNode, self._redView
         if not node or not node.inputVolume:
             return _("Select an input volume.")
+        if self._volumeProblem:
+            return self._volumeProblem
         if view is None:
             return _("There is no Red slice view in the current layout: choose a layout with the Red view.")
         if math.isnan(view.angle_deg):
@@ -633,6 +651,20 @@ class ParaspinalSegLogic(ScriptedLoadableModuleLogic):
         return workflow.update_measurements(
             slicer.mrmlScene, volumeNode, k, segmentation_node=segmentationNode, level=level, method=method,
             volume_ijk_to_ras=workflow.volume_ijk_to_world(volumeNode))
+
+    @staticmethod
+    def findSegmentation(volumeNode):
+        """The segmentation ParaspinalSeg wrote for ``volumeNode`` (None: a new one will be created)."""
+        from ParaspinalSegLib import scene
+
+        return scene.find_segmentation(slicer.mrmlScene, volumeNode)
+
+    @staticmethod
+    def segmentationVolume(segmentationNode):
+        """The volume whose results ``segmentationNode`` holds (None for a segmentation not made by ParaspinalSeg)."""
+        from ParaspinalSegLib import scene
+
+        return segmentationNode.GetNodeReference(scene.VOLUME_REFERENCE_ROLE)
 
     @staticmethod
     def measurementTable():

@@ -125,8 +125,8 @@ def train(
     ``resume=True`` continues from ``out_dir/checkpoint.pt`` (epoch counter, parameters, optimizer and
     random-generator states), so an interrupted run ends with the same parameters as an uninterrupted
     one. ``max_steps`` stops after that many optimisation steps (timing measurements);
-    ``stop_after_epochs`` stops (checkpointed, nothing exported) after that many epochs of the run, as an
-    interruption would (the learning-rate and phase schedule still follow ``config["epochs"]``).
+    ``stop_after_epochs`` stops (checkpointed, nothing exported) once the run has reached that epoch,
+    counted from the run's start (not from a resume), as an interruption would (the learning-rate and phase schedule still follow ``config["epochs"]``).
     """
     rank, world, local = _dist()
     dev = resolve_device(device)

@@ -180,6 +180,14 @@ def _check_segmentation(segmentation_node, volume_node) -> None:
             f"segmentation '{segmentation_node.GetName()}' and volume '{volume_node.GetName()}' are under "
             "different transforms; put them under the same transform (or harden it) first"
         )
+    # A segmentation made for another volume lives on that volume's grid: writing this volume's slices
+    # into it would resample (and crop) the other volume's segments.
+    owner = segmentation_node.GetNodeReference(VOLUME_REFERENCE_ROLE)
+    if owner is not None and owner.GetID() != volume_node.GetID():
+        raise SceneWriteError(
+            f"segmentation '{segmentation_node.GetName()}' holds the results for volume '{owner.GetName()}', "
+            f"not '{volume_node.GetName()}'; choose that volume, or a new output segmentation"
+        )
 
 
 def ensure_segments(segmentation_node) -> list[str]:
@@ -571,6 +579,8 @@ def write_boxes(
     ijk_to_ras = volume_ijk_to_ras(volume_node)
     old = find_boxes(scene, volume_node)
     new_nodes: dict[int, Any] = {}
+    folder_existed = bool(_box_folder(scene, volume_node, folder_name, create=False))
+    folder = 0
     try:
         folder = _box_folder(scene, volume_node, folder_name, create=True)
         for value, pixel in checked.items():
@@ -599,6 +609,8 @@ def write_boxes(
     except Exception:
         for roi in new_nodes.values():
             remove_node(scene, roi)
+        if folder and not folder_existed:
+            _subject_hierarchy(scene).RemoveItem(folder, False, False)
         raise
     replaced = {anatomy.BY_VALUE[v].key for v in checked}
     for key, node in old.items():
@@ -646,8 +658,13 @@ COLUMNS: tuple[Column, ...] = (
     Column("threshold", "Threshold", "double", "", "Fat threshold", "Intensity threshold separating fat from muscle"),
     Column("method", "Method", "string", "", "Threshold method", "How the fat threshold was chosen"),
     Column("model_version", "Model version", "string", "", "Model version", "Segmentation model that produced the segments"),
+    # Identifies the volume when two share a name (two series named alike) or one is renamed; it means
+    # nothing outside the scene, so CSV exports leave it out.
+    Column("volume_id", "Volume node ID", "string", "", "Volume node ID", "MRML node ID of the image volume"),
 )
 COLUMN_BY_FIELD = {c.field: c for c in COLUMNS}
+#: Columns of CSV exports (the node ID is scene-internal).
+CSV_COLUMNS: tuple[Column, ...] = tuple(c for c in COLUMNS if c.field != "volume_id")
 
 _MEASUREMENT_FIELDS = ("csa_mm2", "functional_csa_mm2", "fat_percent", "threshold", "method", "found")
 
@@ -802,6 +819,7 @@ def write_measurement_rows(
     slice and anatomy order.
     """
     volume_name = volume.GetName() if hasattr(volume, "GetName") else str(volume)
+    volume_id = volume.GetID() if hasattr(volume, "GetID") else ""
     if not volume_name:
         raise SceneWriteError("measurement rows need a volume name")
     if isinstance(slice_index, (bool, np.bool_)) or not isinstance(slice_index, (int, np.integer)) or slice_index < 0:
@@ -810,6 +828,8 @@ def write_measurement_rows(
     if "\n" in level or "\r" in level:
         raise SceneWriteError("spinal level must be a single line of text")
     new_rows = [_normalise_row(row, volume_name, int(slice_index), level, model_version) for row in rows]
+    for row in new_rows:
+        row["volume_id"] = volume_id
     keys = [row["segment_id"] for row in new_rows]
     if len(set(keys)) != len(keys):
         raise SceneWriteError("measurement rows contain the same structure more than once")
@@ -818,7 +838,7 @@ def write_measurement_rows(
     kept = [
         row
         for row in rows_from_table(table_node)
-        if not (row["volume"] == volume_name and row["slice"] == int(slice_index))
+        if not (row_of_volume(row, volume) and row["slice"] == int(slice_index))
     ]
     order = {s.key: s.value for s in anatomy.STRUCTURES}
     all_rows = sorted(
@@ -830,6 +850,16 @@ def write_measurement_rows(
     finally:
         table_node.EndModify(was_modifying)
     return len(new_rows)
+
+
+def row_of_volume(row: Mapping[str, Any], volume: Any) -> bool:
+    """Whether a table row belongs to ``volume`` (node or name): by node ID; by name only where either
+    side has no ID (rows written for a name, or a name given)."""
+    volume_name = volume.GetName() if hasattr(volume, "GetName") else str(volume)
+    volume_id = volume.GetID() if hasattr(volume, "GetID") else ""
+    if volume_id and row.get("volume_id"):
+        return row["volume_id"] == volume_id
+    return row["volume"] == volume_name
 
 
 def csv_header(column: Column) -> str:
@@ -849,9 +879,9 @@ def rows_to_csv(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> N
     """Write measurement row dicts (as from :func:`rows_from_table`) to a CSV file with units in the header."""
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow([csv_header(c) for c in COLUMNS])
+        writer.writerow([csv_header(c) for c in CSV_COLUMNS])
         for row in rows:
-            writer.writerow([_csv_value(c, row.get(c.field)) for c in COLUMNS])
+            writer.writerow([_csv_value(c, row.get(c.field)) for c in CSV_COLUMNS])
 
 
 def table_to_csv(table_node, path: str | os.PathLike) -> None:

@@ -321,7 +321,7 @@ def update_measurements(
     table = scene.find_measurement_table(mrml_scene)
     previous = [
         row for row in (scene.rows_from_table(table) if table is not None else [])
-        if row["volume"] == volume_node.GetName() and row["slice"] == k
+        if scene.row_of_volume(row, volume_node) and row["slice"] == k
     ]
     if not previous and not labels.any():
         raise InputError(f"slice {k} of '{volume_node.GetName()}' has no segments: segment it first")

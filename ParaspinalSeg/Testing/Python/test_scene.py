@@ -87,6 +87,20 @@ def test_segmentation_has_nine_segments_next_to_volume(mrml_scene, make_volume):
         assert writers._segment_array(seg, s.key, vol).sum() == 0  # created empty
 
 
+def test_segmentation_of_another_volume_is_refused(mrml_scene, make_volume):
+    vol_a = make_volume(mrml_scene, SHAPE, name="A")
+    vol_b = make_volume(mrml_scene, (3, 10, 12), name="B")
+    seg_a = writers.get_or_create_segmentation(mrml_scene, vol_a)
+    labels = np.zeros(SHAPE[1:], np.uint8)
+    labels[2:8, 3:9] = 6
+    writers.write_slice_labels(seg_a, vol_a, 1, labels)
+    # E.g. the panel still points at A's segmentation after the input volume was switched to B.
+    with pytest.raises(writers.SceneWriteError, match="holds the results for volume 'A'"):
+        writers.get_or_create_segmentation(mrml_scene, vol_b, seg_a)
+    assert writers.find_segmentation(mrml_scene, vol_a) is seg_a
+    assert writers._segment_array(seg_a, "multifidus_left", vol_a)[1].sum() == 36  # A's result intact
+
+
 def test_two_slices_are_both_kept_and_edits_survive(mrml_scene, make_volume):
     vol = make_volume(mrml_scene, SHAPE)
     seg = writers.get_or_create_segmentation(mrml_scene, vol)
@@ -256,6 +270,17 @@ def test_table_columns_have_units_and_rows_are_replaced(mrml_scene, make_volume,
     assert [(r["segment_id"], r["csa_mm2"], r["found"]) for r in slice3] == [
         ("lamina", 0.0, False), ("psoas_major_left", 55.0, True)]
     assert math.isnan(slice3[0]["fat_percent"]) and slice3[0]["level"] == "L5/S1"
+
+    # A second volume with the same name (two series described alike) keeps its own rows.
+    twin = make_volume(mrml_scene, SHAPE, name=vol.GetName())
+    writers.write_measurement_rows(table, [measurement("psoas_major_left", 77.0)], volume=twin, slice_index=1)
+    got = writers.rows_from_table(table)
+    assert len(got) == 12
+    assert [r["csa_mm2"] for r in got if r["volume_id"] == vol.GetID() and r["slice"] == 1] == [
+        200.0 + s.value for s in anatomy.STRUCTURES]
+    writers.write_measurement_rows(table, [measurement("psoas_major_left", 78.0)], volume=twin, slice_index=1)
+    assert len(writers.rows_from_table(table)) == 12  # the twin's row replaced, nothing else
+    writers.write_measurement_rows(table, [], volume=twin, slice_index=1)
 
     path = tmp_path / "m.csv"
     writers.table_to_csv(table, path)
@@ -430,3 +455,20 @@ def test_anatomy_terminology_strings_resolve_in_the_term_file(tmp_path):
         entry = slicer.vtkSlicerTerminologyEntry()
         assert logic.DeserializeTerminologyEntry(s.terminology, entry)
         assert entry.GetTypeObject().GetCodeValue() == s.type_code[1]
+
+
+def test_failed_first_box_write_leaves_no_empty_folder(mrml_scene, make_volume, monkeypatch):
+    vol = make_volume(mrml_scene, SHAPE)
+    real_geometry, calls = writers.box_geometry, []
+
+    def geometry_failing_on_second_box(*args, **kwargs):
+        calls.append(args)
+        if len(calls) > 1:
+            raise RuntimeError("injected failure half-way through the boxes")
+        return real_geometry(*args, **kwargs)
+
+    monkeypatch.setattr(writers, "box_geometry", geometry_failing_on_second_box)
+    with pytest.raises(RuntimeError, match="injected"):
+        writers.write_boxes(mrml_scene, vol, 1, {4: (1, 1, 4, 4), 6: (2, 2, 5, 5)})
+    assert writers._box_folder(mrml_scene, vol, None, create=False) == 0  # no empty folder left behind
+    assert mrml_scene.GetNodesByClass("vtkMRMLMarkupsROINode").GetNumberOfItems() == 0
