@@ -48,9 +48,18 @@ def keep_largest_component(labels: np.ndarray, values: Optional[Iterable[int]] =
     out = lab.copy()
     if values is None:
         values = [int(v) for v in np.unique(lab) if v not in (BACKGROUND, NOT_ANNOTATED)]
+    values = [int(v) for v in values]
+    positive = [v for v in values if v >= 1]
+    # Every pixel of a value lies in its bounding box, so cleaning inside the box equals cleaning the
+    # whole image at a fraction of the cost on large slices.
+    boxes = ndimage.find_objects(lab, max_label=max(positive)) if positive and lab.dtype.kind in "iu" else None
+    whole = tuple(slice(None) for _ in lab.shape)
     for v in values:
-        mask = lab == v
+        box = boxes[v - 1] if boxes is not None and v >= 1 else whole
+        if box is None:
+            continue  # value absent
+        mask = lab[box] == v
         if not mask.any():
             continue
-        out[mask & ~largest_component(mask)] = BACKGROUND
+        out[box][mask & ~largest_component(mask)] = BACKGROUND
     return out

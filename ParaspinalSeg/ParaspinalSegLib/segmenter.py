@@ -219,7 +219,7 @@ class SliceSegmenter:
             # Cleaned in the canonical (patient-fixed) orientation so that a tie between equal islands
             # is broken the same way whether the file stores the slice as LPS, RAS or transposed.
             canonical = to_canonical(labels, grid.orientation)
-            labels = from_canonical(_keep_largest_component(canonical, self.structures_learned), grid.orientation)
+            labels = from_canonical(keep_largest_component(canonical, self.structures_learned), grid.orientation)
         result = self._describe(labels, max_prob, det, grid)
         t4 = time.perf_counter()
         result.timings = {"prepare": t1 - t0, "network": t2 - t1, "map_back": t3 - t2, "postprocess": t4 - t3}
@@ -278,17 +278,3 @@ class SliceSegmenter:
             seconds=0.0,
             model_version=self.model_version,
         )
-
-
-def _keep_largest_component(labels: np.ndarray, values: list[int]) -> np.ndarray:
-    """Largest connected component of each structure (in place); removed pixels become background.
-
-    Each structure is cleaned inside its own bounding box (all its pixels lie there, so the result
-    equals cleaning the whole image), which keeps this cheap on large slices.
-    """
-    objects = ndimage.find_objects(labels, max_label=NUM_CLASSES - 1)
-    for v in values:
-        sl = objects[v - 1]
-        if sl is not None:
-            labels[sl] = keep_largest_component(labels[sl], [v])
-    return labels

@@ -34,3 +34,16 @@ def test_keep_largest_component_per_value():
     only7 = keep_largest_component(lab, values=[7])
     assert (only7[20:23, 20:23] == 4).all() and only7[25, 2] == 0
     assert np.array_equal(lab[20:23, 20:23], np.full((3, 3), 4))  # input not modified
+
+
+def test_keep_largest_component_matches_whole_image_cleaning_on_random_labels() -> None:
+    """Cleaning inside each value's bounding box gives exactly what whole-image cleaning gives."""
+
+    rng = np.random.default_rng(3)
+    labels = rng.choice(np.array([0, 0, 0, 4, 6, 9, 255], np.uint8), size=(60, 70))
+    expected = labels.copy()
+    for v in (4, 6, 9):
+        mask = labels == v
+        expected[mask & ~largest_component(mask)] = 0
+    np.testing.assert_array_equal(keep_largest_component(labels), expected)
+    np.testing.assert_array_equal(keep_largest_component(labels, [6])[labels != 6], labels[labels != 6])
