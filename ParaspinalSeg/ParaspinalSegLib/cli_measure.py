@@ -169,26 +169,19 @@ def measure_files(
     volume_path: Path, segmentation_path: Path, slice_index: Optional[int] = None, method: Any = "auto"
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
     """Measurement rows and asymmetry rows for one volume + segmentation (the work behind ``run``)."""
-    import SimpleITK as sitk
+    from .preprocessing import pixel_spacing, slice_geometry_from_volume
+    from .volume_io import itk_image_like, read_volume
 
-    try:
-        volume = sitk.ReadImage(str(volume_path))
-    except RuntimeError as exc:
-        raise MeasureError(f"cannot read volume {volume_path}: {exc}") from None
-    if volume.GetNumberOfComponentsPerPixel() != 1:
-        raise MeasureError(f"{volume_path}: expected a scalar (grey-level) volume")
-    if volume.GetDimension() == 2:
-        volume = sitk.JoinSeries(volume)
-    if volume.GetDimension() != 3:
-        raise MeasureError(f"{volume_path}: expected a 2-D or 3-D image")
-    labels, notes = read_segmentation(segmentation_path, volume)
-    image = sitk.GetArrayFromImage(volume).astype(np.float64)  # (k, j, i)
+    # The same reader as `segment`: NIfTI/NRRD/DICOM folders, scalar 2-D/3-D volumes, clear errors.
+    volume = read_volume(volume_path)
+    labels, notes = read_segmentation(segmentation_path, itk_image_like(volume.array, volume))
+    image = volume.array.astype(np.float64)  # (k, j, i)
     if labels.ndim == 2:
         labels = labels[None]
     if labels.shape != image.shape:
         raise MeasureError(f"segmentation {labels.shape} and volume {image.shape} differ after resampling")
-    sx, sy = volume.GetSpacing()[:2]
-    spacing = (float(sy), float(sx))  # array axis 0 = j, axis 1 = i
+    # Axis 0 of a slice is j, axis 1 is i: the same spacing the Slicer table and `segment` use.
+    spacing = pixel_spacing(slice_geometry_from_volume(volume.ijk_to_ras, 0))
 
     if slice_index is not None:
         if not 0 <= slice_index < image.shape[0]:
@@ -248,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         method = _parse_method(args.method)
         rows, asym_rows, notes = measure_files(args.volume, args.segmentation, args.slice, method)
-    except MeasureError as exc:
+    except InputError as exc:  # MeasureError and the volume reader's errors
         print(f"paraspinalseg measure: error: {exc}", file=sys.stderr)
         return 2
     for n in notes:

@@ -283,7 +283,8 @@ def volume_from_array(
     return Volume(a, np.asarray(ijk_to_ras, float), Path(path or name), name, 3, origin, spacing, direction)
 
 
-def _itk_image_like(array: np.ndarray, volume: Volume):
+def itk_image_like(array: np.ndarray, volume: Volume):
+    """A SimpleITK image of ``array`` (k, j, i) on ``volume``'s own grid (2-D for a 2-D file)."""
     import SimpleITK as sitk
 
     if volume.dimension == 2:
@@ -312,7 +313,7 @@ def write_label_volume(labels: np.ndarray, volume: Volume, path: str | os.PathLi
         raise InputError(f"label array shape {lab.shape} does not match the volume {volume.array.shape}")
     if lab.size and (lab.min() < 0 or lab.max() > 255):
         raise InputError("label values must lie in 0..255")
-    image = _itk_image_like(lab.astype(np.uint8), volume)
+    image = itk_image_like(lab.astype(np.uint8), volume)
     out = Path(path)
     sitk.WriteImage(image, str(out), True)
     return out
@@ -325,5 +326,5 @@ def write_scalar_volume(array: np.ndarray, volume: Volume, path: str | os.PathLi
     a = np.asarray(array)
     if a.shape != volume.array.shape:
         raise InputError(f"array shape {a.shape} does not match the volume {volume.array.shape}")
-    sitk.WriteImage(_itk_image_like(a, volume), str(path), True)
+    sitk.WriteImage(itk_image_like(a, volume), str(path), True)
     return Path(path)
