@@ -1,7 +1,7 @@
-"""Shared pytest fixtures for tests that need a real MRML scene (PyPI ``slicer-core``, no Slicer GUI).
+"""Shared pytest fixtures: real headless MRML scenes (PyPI ``slicer-core``, no Slicer GUI) and tiny weights.
 
-Only MRML fixtures live here; tests that do not use them are unaffected (``slicer`` is imported
-lazily and a missing slicer-core skips only the tests that ask for a scene).
+Tests that do not use a fixture are unaffected: ``slicer`` and ``torch`` are imported lazily, so a
+missing slicer-core or torch skips only the tests that ask for a scene or for weights.
 """
 
 from __future__ import annotations
@@ -11,6 +11,28 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
+
+
+#: A tiny BS-ESNet (base width 4): random weights stand in for trained ones in tests that check
+#: plumbing (geometry, files, scene), never accuracy.
+TINY_NETWORK = dict(base_width=4, depth=4, prelim_width=8, detector_width=4, detector_hidden=8, detector_pool=2)
+
+
+@pytest.fixture(scope="session")
+def save_tiny_weights() -> Callable[..., Any]:
+    """Factory: ``save_tiny_weights(stem, preset="bsesnet", spacing_mm=3.0, size=64, structures_learned=range(1, 10))``
+    → the ``.json`` path of randomly initialised (seed 0) tiny weights saved in the library format."""
+    torch = pytest.importorskip("torch")
+    from ParaspinalSegLib.network import NetworkConfig, build_network
+    from ParaspinalSegLib.preprocessing import ModelInput
+    from ParaspinalSegLib.weights import save_weights
+
+    def factory(stem, preset: str = "bsesnet", spacing_mm: float = 3.0, size: int = 64, structures_learned=range(1, 10)):
+        torch.manual_seed(0)
+        model = build_network(getattr(NetworkConfig, preset)(**TINY_NETWORK))
+        return save_weights(model, stem, model_input=ModelInput(spacing_mm=spacing_mm, size=size), structures_learned=structures_learned)
+
+    return factory
 
 
 @pytest.fixture

@@ -19,26 +19,17 @@ import pytest
 sitk = pytest.importorskip("SimpleITK")
 torch = pytest.importorskip("torch")
 slicer = pytest.importorskip("slicer")
-weights_mod = pytest.importorskip("ParaspinalSegLib.weights", reason="weights.py not written yet")
 
 from ParaspinalSegLib import anatomy, cli  # noqa: E402
-from ParaspinalSegLib.network import NetworkConfig, build_network  # noqa: E402
-from ParaspinalSegLib.preprocessing import ModelInput  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
-TINY = dict(base_width=4, depth=4, prelim_width=8, detector_width=4, detector_hidden=8, detector_pool=2)
 SHAPE = (3, 48, 40)  # (k, j, i)
 SPACING = (1.5, 1.5, 4.0)
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("weights")
-    return weights_mod.save_weights(
-        build_network(NetworkConfig.bsesnet(**TINY)), d / "tiny", model_input=ModelInput(spacing_mm=3.0, size=64),
-        structures_learned=range(1, 10),
-    )
+def weights(tmp_path_factory, save_tiny_weights) -> Path:
+    return save_tiny_weights(tmp_path_factory.mktemp("weights") / "tiny")
 
 
 def _anatomy_array(shape=SHAPE, seed: int = 0) -> np.ndarray:

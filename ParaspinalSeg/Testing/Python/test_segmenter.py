@@ -19,28 +19,20 @@ torch = pytest.importorskip("torch")
 from scipy import ndimage  # noqa: E402
 
 from ParaspinalSegLib.errors import InputError, NonAxialSliceError, ParaspinalSegError  # noqa: E402
-from ParaspinalSegLib.network import NetworkConfig, build_network  # noqa: E402
-from ParaspinalSegLib.preprocessing import ModelInput, slice_geometry_from_volume  # noqa: E402
+from ParaspinalSegLib.preprocessing import slice_geometry_from_volume  # noqa: E402
 from ParaspinalSegLib.segmenter import SliceResult, SliceSegmenter  # noqa: E402
-from ParaspinalSegLib.weights import load_weights, save_weights  # noqa: E402
+from ParaspinalSegLib.weights import load_weights  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
-SMALL = dict(base_width=4, depth=4, prelim_width=8, detector_width=4, detector_hidden=8, detector_pool=2)
-MODEL_INPUT = ModelInput(spacing_mm=3.0, size=64)
 PUBLIC_DATA_STRUCTURES = [1, 4, 5, 6, 7, 8, 9]  # no spinal canal (2), no lamina (3)
 
 
-def _save(directory: Path, name: str, config: NetworkConfig, learned) -> Path:
-    torch.manual_seed(0)
-    return save_weights(build_network(config), directory / name, model_input=MODEL_INPUT, structures_learned=learned)
-
-
 @pytest.fixture(scope="module")
-def weights_dir(tmp_path_factory) -> Path:
+def weights_dir(tmp_path_factory, save_tiny_weights) -> Path:
     d = tmp_path_factory.mktemp("weights")
-    _save(d, "all", NetworkConfig.bsesnet(**SMALL), range(1, 10))
-    _save(d, "public", NetworkConfig.bsesnet(**SMALL), PUBLIC_DATA_STRUCTURES)
-    _save(d, "unet", NetworkConfig.unet(**SMALL), range(1, 10))
+    save_tiny_weights(d / "all")
+    save_tiny_weights(d / "public", structures_learned=PUBLIC_DATA_STRUCTURES)
+    save_tiny_weights(d / "unet", preset="unet")
     return d
 
 
@@ -258,9 +250,9 @@ def test_devices(weights_dir):
     assert SliceSegmenter(weights_dir / "all.json", device="auto").device.type == "cpu"
 
 
-def test_repeated_calls_reuse_the_loaded_model(weights_dir, tmp_path):
+def test_repeated_calls_reuse_the_loaded_model(tmp_path, save_tiny_weights):
     d = tmp_path / "w"
-    path = _save(d, "copy", NetworkConfig.bsesnet(**SMALL), range(1, 10))
+    path = save_tiny_weights(d / "copy")
     seg = SliceSegmenter(path)
     model = seg.model
     a, m = phantom(seed=6), canonical_matrix()

@@ -23,10 +23,7 @@ import vtk  # noqa: E402
 from ParaspinalSegLib import anatomy, workflow  # noqa: E402
 from ParaspinalSegLib import scene as writers  # noqa: E402
 from ParaspinalSegLib.errors import InputError  # noqa: E402
-from ParaspinalSegLib.network import NetworkConfig, build_network  # noqa: E402
-from ParaspinalSegLib.preprocessing import ModelInput  # noqa: E402
 from ParaspinalSegLib.segmenter import SliceSegmenter, StructureBox  # noqa: E402
-from ParaspinalSegLib.weights import save_weights  # noqa: E402
 
 SHAPE = (3, 64, 64)  # K, J, I
 SPACING = (0.8, 0.8, 4.0)  # I, J, K
@@ -36,12 +33,8 @@ THRESHOLD = 450.0
 
 
 @pytest.fixture(scope="module")
-def segmenter(tmp_path_factory) -> SliceSegmenter:
-    torch.manual_seed(0)
-    config = NetworkConfig.bsesnet(base_width=4, depth=4, prelim_width=8, detector_width=4, detector_hidden=8,
-                                   detector_pool=2)
-    path = save_weights(build_network(config), tmp_path_factory.mktemp("weights") / "tiny",
-                        model_input=ModelInput(spacing_mm=0.8, size=64), structures_learned=range(1, 10))
+def segmenter(tmp_path_factory, save_tiny_weights) -> SliceSegmenter:
+    path = save_tiny_weights(tmp_path_factory.mktemp("weights") / "tiny", spacing_mm=0.8)
     return SliceSegmenter(path, device="cpu")
 
 
