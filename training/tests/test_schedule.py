@@ -11,12 +11,18 @@ SCHED = load_config("bsesnet")["schedule"]
 
 
 def test_phase_boundaries_of_paper_schedule():
-    epochs = 200
+    epochs = SCHED_EPOCHS = load_config("bsesnet")["epochs"]
+    final = SCHED["final_bsn_epochs"]
     phases = [phase_for_epoch(e, epochs, SCHED) for e in range(epochs)]
     assert phases[:10] == ["joint"] * 10
     assert phases[10:19] == ["esnet"] * 9 and phases[19] == "bsn" and phases[20] == "esnet"
     assert phases[29] == "bsn" and phases[30] == "esnet"
-    assert phases[-10:] == ["bsn"] * 10
+    assert phases[-final:] == ["bsn"] * final and phases[-final - 1] == "esnet"
+    # The shipped 50-epoch run: 10 joint + 35 ESNet + 5 BSN epochs (3 in the cycles, the last 2 BSN-only).
+    assert (SCHED_EPOCHS, final) == (50, 2)
+    assert [phases.count(p) for p in ("joint", "esnet", "bsn")] == [10, 35, 5]
+    long = [phase_for_epoch(e, 200, {**SCHED, "final_bsn_epochs": 10}) for e in range(200)]
+    assert long[-10:] == ["bsn"] * 10 and long[188] == "esnet" and long[179] == "bsn"
     assert phase_for_epoch(5, 200, SCHED, has_bsn=False) == "joint"
     assert phase_for_epoch(19, 200, SCHED, has_bsn=False) == "joint"
     with pytest.raises(ValueError):

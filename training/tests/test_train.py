@@ -139,3 +139,26 @@ def test_every_phase_runs_and_only_trained_group_moves(tmp_path, preset):
     # epoch 1 (ESNet): BSN frozen; epoch 2 (BSN): encoder frozen
     assert moved(snaps[0], snaps[1], "encoder.") and not moved(snaps[0], snaps[1], "bsn.")
     assert moved(snaps[1], snaps[2], "bsn.") and not moved(snaps[1], snaps[2], "encoder.")
+
+
+def test_mixed_precision_choice():
+    from training.train import cpu_has_native_bf16, mixed_precision
+
+    cpu = torch.device("cpu")
+    assert mixed_precision(cpu, False) is None
+    assert mixed_precision(cpu, True) == (torch.bfloat16 if cpu_has_native_bf16() else None)
+
+
+@pytest.mark.skipif(not __import__("training.train", fromlist=["x"]).cpu_has_native_bf16(), reason="this CPU has no native bfloat16 (AVX512-BF16/AMX)")
+def test_cpu_bfloat16_run_lowers_loss_and_records_precision(tmp_path):
+    recs = _records(6)
+    res = train(tiny_config(epochs=2, amp=True), recs, tmp_path / "bf16", progress=False)
+    assert res.history[1]["loss"] < res.history[0]["loss"]
+    assert all(np.isfinite(h["loss"]) for h in res.history)
+    meta = json.loads(res.final_weights.read_text())
+    assert meta["training"]["precision"] == "bfloat16"
+    # Exported tensors stay float32 (autocast never changes the parameters' dtype).
+    from ParaspinalSegLib.weights import load_weights
+
+    model, _ = load_weights(res.final_weights)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
