@@ -8,7 +8,8 @@ segmentations are measured the same way. ``cli.py`` calls :func:`register`; :fun
 Slices are ITK slices ``k`` (the third image index, ``arr[k]`` of SimpleITK's array); pixel spacing comes
 from the volume header. A segmentation whose grid differs from the volume's (e.g. a ``.seg.nrrd`` cropped
 to its extent) is resampled onto the volume's grid with nearest-neighbour interpolation.
-Needs SimpleITK and numpy only.
+The CSV has the columns of ``segment``'s ``<name>_measurements.csv`` (so the two concatenate), then pixel
+count, mean and SD intensity and the segmentation file. Needs SimpleITK and numpy only.
 """
 
 from __future__ import annotations
@@ -24,24 +25,17 @@ import numpy as np
 from . import anatomy
 from .errors import InputError
 from .measurements import asymmetry, measure_slice
+from .scene import CSV_COLUMNS as TABLE_CSV_COLUMNS
+from .scene import Column, rows_to_csv
 
-CSV_COLUMNS: tuple[str, ...] = (
-    "volume",
-    "segmentation",
-    "slice",
-    "structure_value",
-    "structure",
-    "name",
-    "found",
-    "pixel_count",
-    "csa_mm2",
-    "functional_csa_mm2",
-    "fat_percent",
-    "mean_intensity",
-    "sd_intensity",
-    "threshold",
-    "method",
+#: What ``measure`` adds after the measurement table's own columns (:data:`scene.CSV_COLUMNS`).
+EXTRA_COLUMNS: tuple[Column, ...] = (
+    Column("pixel_count", "Pixel count", "int", "", "Pixel count", "Pixels of the structure on the slice"),
+    Column("mean_intensity", "Mean intensity", "double", "", "Mean intensity", "Mean image value inside the structure"),
+    Column("sd_intensity", "SD intensity", "double", "", "SD intensity", "Standard deviation of the image values inside the structure"),
+    Column("segmentation", "Segmentation", "string", "", "Segmentation file", "The segmentation that was measured"),
 )
+CSV_COLUMNS: tuple[Column, ...] = TABLE_CSV_COLUMNS + EXTRA_COLUMNS
 
 
 class MeasureError(InputError):
@@ -60,6 +54,7 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
     p.add_argument("segmentation", type=Path, help="label image (values as in the label table) or .seg.nrrd")
     p.add_argument("--slice", type=int, default=None, dest="slice",
                    help="slice index k (ITK index along the third axis); default: every slice with labels")
+    p.add_argument("--level", default="", help="spinal level written in the Level column, e.g. L4/L5")
     p.add_argument("--method", default="auto",
                    help="fat threshold: auto (default), otsu, otsu-region, or a number (manual threshold)")
     p.add_argument("--out", type=Path, required=True,
@@ -166,11 +161,11 @@ def read_segmentation(path: Path, volume: Any) -> tuple[np.ndarray, list[str]]:
 
 
 def measure_files(
-    volume_path: Path, segmentation_path: Path, slice_index: Optional[int] = None, method: Any = "auto"
+    volume_path: Path, segmentation_path: Path, slice_index: Optional[int] = None, method: Any = "auto", level: str = ""
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
-    """Measurement rows and asymmetry rows for one volume + segmentation (the work behind ``run``)."""
+    """Measurement rows (fields of :data:`CSV_COLUMNS`) and asymmetry rows for one volume + segmentation."""
     from .preprocessing import pixel_spacing, slice_geometry_from_volume
-    from .volume_io import itk_image_like, read_volume
+    from .volume_io import itk_image_like, read_volume, volume_name
 
     # The same reader as `segment`: NIfTI/NRRD/DICOM folders, scalar 2-D/3-D volumes, clear errors.
     volume = read_volume(volume_path)
@@ -199,25 +194,26 @@ def measure_files(
         for r in recs:
             rows.append(
                 {
-                    "volume": str(volume_path),
-                    "segmentation": str(segmentation_path),
+                    "volume": volume_name(volume_path),
                     "slice": k,
-                    "structure_value": r.value,
-                    "structure": r.key,
-                    "name": r.name,
-                    "found": int(r.found),
-                    "pixel_count": r.pixel_count,
+                    "level": level,
+                    "structure": r.name,
+                    "segment_id": r.key,
+                    "found": r.found,
                     "csa_mm2": r.csa_mm2,
                     "functional_csa_mm2": r.functional_csa_mm2,
                     "fat_percent": r.fat_percent,
-                    "mean_intensity": r.mean_intensity,
-                    "sd_intensity": r.sd_intensity,
                     "threshold": r.threshold,
                     "method": r.method,
+                    "model_version": "",  # a segmentation from a file: which model (if any) drew it is unknown
+                    "pixel_count": r.pixel_count,
+                    "mean_intensity": r.mean_intensity,
+                    "sd_intensity": r.sd_intensity,
+                    "segmentation": str(segmentation_path),
                 }
             )
         for a in asymmetry(recs):
-            asym_rows.append({"volume": str(volume_path), "slice": k, **a.to_row()})
+            asym_rows.append({"volume": volume_name(volume_path), "slice": k, **a.to_row()})
     return rows, asym_rows, notes
 
 
@@ -240,13 +236,14 @@ def run(args: argparse.Namespace) -> int:
     """Run ``measure`` for parsed arguments; returns the process exit status (0 ok, 2 input error)."""
     try:
         method = _parse_method(args.method)
-        rows, asym_rows, notes = measure_files(args.volume, args.segmentation, args.slice, method)
+        rows, asym_rows, notes = measure_files(args.volume, args.segmentation, args.slice, method, args.level)
     except InputError as exc:  # MeasureError and the volume reader's errors
         print(f"paraspinalseg measure: error: {exc}", file=sys.stderr)
         return 2
     for n in notes:
         print(f"paraspinalseg measure: note: {n}", file=sys.stderr)
-    _write_csv(args.out, rows, CSV_COLUMNS)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rows_to_csv(rows, args.out, EXTRA_COLUMNS)
     asym_cols = ["volume", "slice"] + (list(asym_rows[0].keys())[2:] if asym_rows else [])
     _write_csv(asymmetry_path(args.out), asym_rows, asym_cols)
     found = sum(1 for r in rows if r["found"])

@@ -875,13 +875,17 @@ def _csv_value(column: Column, value: Any) -> str:
     return str(value)
 
 
-def rows_to_csv(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> None:
-    """Write measurement row dicts (as from :func:`rows_from_table`) to a CSV file with units in the header."""
+def rows_to_csv(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike, extra_columns: Sequence[Column] = ()) -> None:
+    """Write measurement row dicts (as from :func:`rows_from_table`) to a CSV file with units in the header.
+
+    ``extra_columns`` go after the table's own columns, so files with and without them still line up.
+    """
+    columns = CSV_COLUMNS + tuple(extra_columns)
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow([csv_header(c) for c in CSV_COLUMNS])
+        writer.writerow([csv_header(c) for c in columns])
         for row in rows:
-            writer.writerow([_csv_value(c, row.get(c.field)) for c in CSV_COLUMNS])
+            writer.writerow([_csv_value(c, row.get(c.field)) for c in columns])
 
 
 def table_to_csv(table_node, path: str | os.PathLike) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 sitk = pytest.importorskip("SimpleITK")
 
-from ParaspinalSegLib import anatomy, cli_measure  # noqa: E402
+from ParaspinalSegLib import anatomy, cli_measure, scene  # noqa: E402
 from ParaspinalSegLib.measurements import asymmetry, measure_slice  # noqa: E402
 
 SPACING_XYZ = (0.8, 1.1, 4.0)  # i, j, k
@@ -51,8 +51,10 @@ def _write(arr: np.ndarray, path: Path, origin=(10.0, -20.0, 5.0)) -> None:
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
+    """Rows keyed by field name (``csa_mm2``) where the header is a column's CSV header (``CSA (mm2)``)."""
+    fields = {scene.csv_header(c): c.field for c in cli_measure.CSV_COLUMNS}
     with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
+        return [{fields.get(k, k): v for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
 def _expected(img: np.ndarray, lab: np.ndarray, k: int, method="auto", volume_path: Path | None = None):
@@ -77,17 +79,17 @@ def test_measure_label_image_matches_library(tmp_path, ext, method):
         expected = _expected(img, lab, k, float(method) if method[0].isdigit() else method, vol_path)
         got = [r for r in rows if r["slice"] == str(k)]
         for e, g in zip(expected, got):
-            assert g["structure"] == e.key and g["found"] == str(int(e.found))
+            assert g["segment_id"] == e.key and g["structure"] == e.name and g["found"] == ("yes" if e.found else "no")
             assert int(g["pixel_count"]) == e.pixel_count
             for col in ("csa_mm2", "functional_csa_mm2", "fat_percent", "threshold", "mean_intensity"):
                 want = getattr(e, col)
                 assert (g[col] == "") if want is None else (float(g[col]) == pytest.approx(want, rel=1e-9)), (col, g[col], want)
             assert g["method"] == e.method
     # the missing right multifidus on slice 1 is an explicit not-found row with empty numbers
-    miss = [r for r in rows if r["slice"] == "1" and r["structure"] == "multifidus_right"][0]
-    assert miss["found"] == "0" and miss["csa_mm2"] == "" and miss["fat_percent"] == ""
+    miss = [r for r in rows if r["slice"] == "1" and r["segment_id"] == "multifidus_right"][0]
+    assert miss["found"] == "no" and miss["csa_mm2"] == "" and miss["fat_percent"] == ""
     # non-square pixels: CSA of the left multifidus = 15 × 10 px × 0.8 × 1.1 mm²
-    mf = [r for r in rows if r["slice"] == "0" and r["structure"] == "multifidus_left"][0]
+    mf = [r for r in rows if r["slice"] == "0" and r["segment_id"] == "multifidus_left"][0]
     assert float(mf["csa_mm2"]) == pytest.approx(150 * 0.88, rel=1e-6)
     asym = _read_csv(cli_measure.asymmetry_path(out))
     exp_asym = asymmetry(_expected(img, lab, 0, float(method) if method[0].isdigit() else method, vol_path))
@@ -96,6 +98,25 @@ def test_measure_label_image_matches_library(tmp_path, ext, method):
         assert g["key"] == e.key
         if e.csa_asymmetry_percent is not None:
             assert float(g["csa_asymmetry_percent"]) == pytest.approx(e.csa_asymmetry_percent)
+
+
+def test_measure_csv_starts_with_the_segment_table_columns(tmp_path):
+    """``measure`` output lines up with ``segment``'s ``<name>_measurements.csv``: same leading headers, names, yes/no."""
+    img, lab = _volume_and_labels(4)
+    _write(img, tmp_path / "scan.nii.gz")
+    _write(lab, tmp_path / "scan_seg.nii.gz")
+    out = tmp_path / "m.csv"
+    args = _parser().parse_args(["measure", str(tmp_path / "scan.nii.gz"), str(tmp_path / "scan_seg.nii.gz"),
+                                 "--slice", "0", "--level", "L4/L5", "--out", str(out)])
+    assert args.func(args) == 0
+    with out.open(newline="") as fh:
+        header = next(csv.reader(fh))
+    table = [scene.csv_header(c) for c in scene.CSV_COLUMNS]
+    assert header[: len(table)] == table and header[len(table):] == ["Pixel count", "Mean intensity", "SD intensity", "Segmentation"]
+    rows = _read_csv(out)
+    assert {r["volume"] for r in rows} == {"scan"} and {r["level"] for r in rows} == {"L4/L5"}
+    assert [r["segment_id"] for r in rows] == [st.key for st in anatomy.STRUCTURES]
+    assert all(r["pixel_count"].isdigit() for r in rows)
 
 
 def test_measure_single_slice_and_errors(tmp_path, capsys):
@@ -155,7 +176,7 @@ def test_measure_seg_nrrd_layers_and_cropped_extent(tmp_path):
     rows = _read_csv(out)
     for k in (0, 1):
         for e, g in zip(_expected(img, lab, k, volume_path=tmp_path / "v.nrrd"), [r for r in rows if r["slice"] == str(k)]):
-            assert g["structure"] == e.key
+            assert g["segment_id"] == e.key
             if e.fat_percent is not None:
                 assert float(g["fat_percent"]) == pytest.approx(e.fat_percent)
 
