@@ -36,6 +36,7 @@ def cross_validate(
     final_model: bool = False,
     progress: bool = True,
     only_folds: Optional[Sequence[int]] = None,
+    mirror_tta: bool = False,
 ) -> dict[str, Any]:
     """Run all folds (or ``only_folds``), write the report and return ``{"rows", "folds", "metrics", "paths"}``.
 
@@ -60,7 +61,7 @@ def cross_validate(
         info = {"folds": {"k": k, "fold": f, "seed": int(config["seed"]), "by": "source/subject_id"}}
         res = train(config, tr, out / f"fold_{f}", val, resume=resume, device=device, progress=progress, training_info=info)
         if _dist()[0] == 0:
-            rows += evaluate_weights(res.final_weights, val, device="cpu" if device == "auto" else device, fold=f)
+            rows += evaluate_weights(res.final_weights, val, device="cpu" if device == "auto" else device, mirror_tta=mirror_tta, fold=f)
     if _dist()[0] != 0:
         return {"rows": [], "folds": fold_cases}
     summary = summarise(rows)
@@ -72,8 +73,10 @@ def cross_validate(
         "folds_run": run_folds,
         "slices": len(records),
         "evaluated_on": "original input grid via SliceSegmenter (final-epoch weights of each fold)",
+        "mirror_tta": bool(mirror_tta),
     }
     scope = f"{k}-fold" if len(run_folds) == k else f"fold(s) {run_folds} of a {k}-fold"
+    scope += " (mirror TTA)" if mirror_tta else ""
     paths = write_report(rows, out, title=f"{config['name']}: {scope} subject-wise cross-validation")
     (out / "cv_metrics.json").write_text(json.dumps(_json_safe({**metrics, "folds": fold_cases}), indent=1), encoding="utf-8")
     result = {"rows": rows, "folds": fold_cases, "metrics": metrics, "paths": paths}
@@ -91,11 +94,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--final-model", action="store_true", help="after CV, train on all slices and export with the CV metrics")
     ap.add_argument("--only-folds", type=int, nargs="+", default=None, metavar="K",
                     help="run only these folds of the same split (the report says which)")
+    ap.add_argument("--mirror-tta", action="store_true", help="score with mirror test-time augmentation (SliceSegmenter(mirror_tta=True))")
     args = ap.parse_args(argv)
     config = config_from_args(args)
     records = load_sources(args.data, args.pair, limit=args.limit, dixon_in_phase=bool(config["dixon_in_phase"]))
     res = cross_validate(config, records, args.out, args.folds, resume=args.resume, device=args.device, final_model=args.final_model,
-                         only_folds=args.only_folds)
+                         only_folds=args.only_folds, mirror_tta=args.mirror_tta)
     if "metrics" in res:
         print(f"mean Dice {100 * res['metrics']['mean_dice']:.1f} %; report {res['paths']['report']}")
     return 0

@@ -48,11 +48,12 @@ def evaluate_segmenter(
     return rows
 
 
-def evaluate_weights(weights: str | Path, records: Sequence[SliceRecord], device: str = "cpu", **kw: Any) -> list[dict[str, Any]]:
-    """Load a weights file with ``SliceSegmenter`` and score it on ``records``."""
+def evaluate_weights(weights: str | Path, records: Sequence[SliceRecord], device: str = "cpu", mirror_tta: bool = False,
+                     **kw: Any) -> list[dict[str, Any]]:
+    """Load a weights file with ``SliceSegmenter`` (optionally with mirror test-time augmentation) and score it on ``records``."""
     from ParaspinalSegLib.segmenter import SliceSegmenter
 
-    return evaluate_segmenter(SliceSegmenter(weights, device=device), records, **kw)
+    return evaluate_segmenter(SliceSegmenter(weights, device=device, mirror_tta=mirror_tta), records, **kw)
 
 
 @torch.no_grad()
@@ -93,9 +94,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--iou-threshold", type=float, default=0.5)
     ap.add_argument("--limit", type=int, default=None, help="only the first N slices of each folder")
     ap.add_argument("--dixon-in-phase", action="store_true", help="also score the in-phase (water + fat) image of Dixon slices")
+    ap.add_argument("--mirror-tta", action="store_true", help="segment each slice and its mirror image and average (SliceSegmenter(mirror_tta=True))")
     args = ap.parse_args(argv)
     records = load_sources(args.data, args.pair, limit=args.limit, dixon_in_phase=args.dixon_in_phase)
-    rows = evaluate_weights(args.weights, records, device=args.device, iou_threshold=args.iou_threshold, progress=True)
+    rows = evaluate_weights(args.weights, records, device=args.device, mirror_tta=args.mirror_tta, iou_threshold=args.iou_threshold,
+                            progress=True)
     out = Path(args.out) if args.out else Path(args.weights).parent / ("eval_" + "_".join(Path(d).name for d in args.data or ["pairs"]))
     paths = write_report(rows, out, title=f"{Path(args.weights).name} on {', '.join(args.data) or 'Slicer pairs'}")
     print(f"mean Dice {100 * mean_dice(rows):.1f} % over {len(records)} slices; report: {paths['report']}")

@@ -24,7 +24,7 @@ from typing import Any, Optional, Union
 import numpy as np
 from scipy import ndimage
 
-from .anatomy import BY_VALUE, NUM_CLASSES
+from .anatomy import BY_VALUE, LEFT_RIGHT_SWAP, NUM_CLASSES
 from .errors import InputError, ParaspinalSegError, import_torch
 from .postprocessing import keep_largest_component
 from .preprocessing import (
@@ -141,6 +141,9 @@ class SliceSegmenter:
     ``weights``: path of a weights ``.json``/``.safetensors`` (``None``: the shipped model).
     ``device``: ``"cpu"`` (default), ``"cuda"`` (error if unavailable) or ``"auto"``.
     ``keep_largest``: keep only the largest connected component of each structure.
+    ``mirror_tta``: also segment the slice mirrored across the midline (patient left ↔ right, with the
+    left/right structures swapped back) and average the two probability maps: one more network pass,
+    and the result is exactly mirror-consistent (the mirrored slice gives the mirrored segmentation).
     """
 
     def __init__(
@@ -148,23 +151,25 @@ class SliceSegmenter:
         weights: Union[None, str, Path] = None,
         device: Any = "cpu",
         keep_largest: bool = True,
+        mirror_tta: bool = False,
     ) -> None:
         model, config = load_weights(weights, device=device)
-        self._init(model, config, keep_largest)
+        self._init(model, config, keep_largest, mirror_tta)
 
     @classmethod
-    def from_model(cls, model: Any, config: WeightsConfig, keep_largest: bool = True) -> "SliceSegmenter":
+    def from_model(cls, model: Any, config: WeightsConfig, keep_largest: bool = True, mirror_tta: bool = False) -> "SliceSegmenter":
         """Wrap an already built model (e.g. during training/evaluation) with its weights config."""
         self = cls.__new__(cls)
         model.eval()
-        self._init(model, config, keep_largest)
+        self._init(model, config, keep_largest, mirror_tta)
         return self
 
-    def _init(self, model: Any, config: WeightsConfig, keep_largest: bool) -> None:
+    def _init(self, model: Any, config: WeightsConfig, keep_largest: bool, mirror_tta: bool = False) -> None:
         torch = import_torch()
         self.model = model
         self.config = config
         self.keep_largest = bool(keep_largest)
+        self.mirror_tta = bool(mirror_tta)
         self.device = next(model.parameters()).device
         self.model_input = ModelInput.from_dict(config.model_input)
         self.normalisation = NormalisationConfig.from_dict(config.normalisation)
@@ -177,6 +182,8 @@ class SliceSegmenter:
         self._channels = [0] + self.structures_learned
         self._channel_index = torch.tensor(self._channels, dtype=torch.long, device=self.device)
         self._channel_values = np.asarray(self._channels, dtype=np.uint8)
+        # Output channel of each model channel's mirror image (left ↔ right), for mirror_tta.
+        self._mirror_index = torch.tensor(LEFT_RIGHT_SWAP, dtype=torch.long, device=self.device)
         self._lock = threading.Lock()
 
     @property
@@ -201,6 +208,12 @@ class SliceSegmenter:
         with self._lock, torch.inference_mode():
             out = self.model(x)
             probs_t = torch.softmax(out["logits"][0].index_select(0, self._channel_index).float(), dim=0)
+            if self.mirror_tta:
+                # Model columns run patient right → left, so flipping them mirrors the patient; the mirrored
+                # pass's left-structure channel is the original's right structure and vice versa.
+                mirrored = self.model(torch.flip(x, dims=[-1]))["logits"][0]
+                mirrored = torch.flip(mirrored.index_select(0, self._mirror_index), dims=[-1])
+                probs_t = 0.5 * (probs_t + torch.softmax(mirrored.index_select(0, self._channel_index).float(), dim=0))
             probs = probs_t.cpu().numpy()
             det = out["boxes"][0].float().cpu().numpy() if "boxes" in out else None
         t2 = time.perf_counter()

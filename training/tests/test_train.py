@@ -64,6 +64,15 @@ def test_cross_validation_writes_table(tmp_path):
     assert "fold 1" in text and "Dice (%)" in text
     assert (tmp_path / "fold_0" / "final.json").exists() and (tmp_path / "per_slice.csv").exists()
 
+    # Re-scoring the finished folds with mirror TTA trains nothing again and says how it scored.
+    before = (tmp_path / "fold_0" / "history.json").read_text()
+    tta = cross_validate(tiny_config(epochs=1, network={"preset": "unet"}), recs, tmp_path, k=2, progress=False,
+                         resume=True, mirror_tta=True)
+    assert (tmp_path / "fold_0" / "history.json").read_text() == before
+    assert tta["metrics"]["mirror_tta"] is True and res["metrics"]["mirror_tta"] is False
+    assert "(mirror TTA)" in (tmp_path / "report.md").read_text()
+    assert len(tta["rows"]) == len(res["rows"])
+
 
 def test_cross_validation_subset_of_folds_says_so(tmp_path):
     recs = _records(4)

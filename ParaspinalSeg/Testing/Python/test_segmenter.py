@@ -173,6 +173,27 @@ def test_flipped_storage_gives_flipped_labels(weights_dir, axes):
         np.testing.assert_allclose(res.boxes[v].size_mm, ref.boxes[v].size_mm, atol=1e-9)
 
 
+def test_mirror_tta_is_mirror_consistent(weights_dir):
+    """With mirror TTA, the patient mirrored across the midline gets the mirrored, left/right-swapped labels
+    (for any weights: the two passes swap roles); without it a random model has no such symmetry."""
+    from ParaspinalSegLib.anatomy import LEFT_RIGHT_SWAP
+
+    swap = np.asarray(LEFT_RIGHT_SWAP, dtype=np.uint8)
+    a, m = phantom(192, 192, seed=7), canonical_matrix()
+    mirrored = a[:, ::-1].copy()  # columns run toward patient left: flipping them mirrors the patient
+
+    def agreement(seg):
+        ref, res = seg.segment(a, m), seg.segment(mirrored, m)
+        return float(np.mean(res.labels == swap[ref.labels[:, ::-1]])), ref
+
+    tta = SliceSegmenter(weights_dir / "all.json", keep_largest=False, mirror_tta=True)
+    plain = SliceSegmenter(weights_dir / "all.json", keep_largest=False)
+    with_tta, ref = agreement(tta)
+    without, _ = agreement(plain)
+    assert with_tta > 0.999 and without < 0.9
+    assert set(ref.found) == set(tta.segment(a, m).found)
+
+
 def test_transposed_storage_gives_transposed_labels(weights_dir):
     seg = SliceSegmenter(weights_dir / "all.json", keep_largest=False)
     a, m = phantom(176, 192, seed=5), canonical_matrix(1.0, 0.9)
