@@ -115,7 +115,9 @@ def run(size: int = 512, runs: int = 15, threads: int = 2, device: str = "cpu",
         np.save(tmpdir / "image.npy", image)
         np.save(tmpdir / "matrix.npy", matrix)
 
-        forward, whole = {n: [] for n in segmenters}, {n: [] for n in segmenters}
+        # The same loaded model with mirror test-time augmentation (one more network pass per slice).
+        mirrored = {n: SliceSegmenter.from_model(s.model, s.config, mirror_tta=True) for n, s in segmenters.items()}
+        forward, whole, whole_tta = ({n: [] for n in segmenters} for _ in range(3))
         xs = {n: torch.randn(1, 1, input_size[n], input_size[n], device=segmenters[n].device) for n in segmenters}
         # Interleave the two models in rounds so drifts in machine load hit both equally.
         for _ in range(3):
@@ -123,11 +125,13 @@ def run(size: int = 512, runs: int = 15, threads: int = 2, device: str = "cpu",
                 with torch.inference_mode():
                     forward[name].append(_median_ms(lambda: seg.model(xs[name]), max(1, runs // 3)))
                 whole[name].append(_median_ms(lambda: seg.segment(image, matrix), max(1, runs // 3), warmup=1))
+                whole_tta[name].append(_median_ms(lambda: mirrored[name].segment(image, matrix), max(1, runs // 3), warmup=1))
         for name, seg in segmenters.items():
             results[name] = {
                 "input": f"{size}x{size} slice -> {input_size[name]}^2 network input",
                 "forward_ms": statistics.median(forward[name]),
                 "segment_ms": statistics.median(whole[name]),
+                "segment_mirror_tta_ms": statistics.median(whole_tta[name]),
                 "parameters_M": count_parameters(seg.model) / 1e6,
                 "gflops": _gflops(seg.model, input_size[name], str(seg.device)),
                 "peak_rss_mib": _peak_rss_child(paths[name], tmpdir / "image.npy", tmpdir / "matrix.npy", device, threads),
@@ -139,12 +143,13 @@ def _print_table(results: dict, threads: int, device: str) -> None:
     import torch
 
     print(f"torch {torch.__version__}, device {device}, {threads} threads; medians")
-    cols = ["forward_ms", "segment_ms", "parameters_M", "gflops", "peak_rss_mib"]
-    print(f"{'model':10s} " + " ".join(f"{c:>13s}" for c in cols))
+    cols = ["forward_ms", "segment_ms", "segment_mirror_tta_ms", "parameters_M", "gflops", "peak_rss_mib"]
+    w = {c: max(13, len(c)) for c in cols}
+    print(f"{'model':10s} " + " ".join(f"{c:>{w[c]}s}" for c in cols))
     for name, r in results.items():
-        print(f"{name:10s} " + " ".join(f"{r[c]:13.1f}" for c in cols))
+        print(f"{name:10s} " + " ".join(f"{r[c]:{w[c]}.1f}" for c in cols))
     a, b = results["BS-ESNet"], results["U-Net"]
-    print(f"{'ratio':10s} " + " ".join(f"{a[c] / b[c]:13.2f}" if b[c] else f"{'n/a':>13s}" for c in cols))
+    print(f"{'ratio':10s} " + " ".join(f"{a[c] / b[c]:{w[c]}.2f}" if b[c] else f"{'n/a':>{w[c]}s}" for c in cols))
     print(results["BS-ESNet"]["input"])
 
 
