@@ -53,6 +53,9 @@ DEFAULTS: dict[str, Any] = {
         "prelim_weight": 0.5,
         "sag_key_weight": 0.5,
         "box_weight": 5.0,
+        # Soft Dice added to the cross-entropy of the final and deep-supervision outputs (0 = the paper's
+        # plain cross-entropy); see training.losses.partial_label_dice_loss.
+        "dice_weight": 0.0,
     },
     "augmentation": {
         "enabled": True,

@@ -34,6 +34,12 @@ All other outputs follow the paper: pixel-wise cross-entropy (the same partial-l
 logits, each deep-supervision level and both 1/4-resolution preliminary masks (BSN ``prelim_mask`` and SAG
 ``sag_key``), with labels reduced by the block *mode*; smooth-L1 + MSE for the boxes, only for structures
 that are trusted and present in the slice.
+
+Optional soft Dice (``loss.dice_weight`` > 0, a departure from the paper's plain cross-entropy, as in
+nnU-Net's CE + Dice): added to the final logits and each deep-supervision level, per structure over the
+whole batch, only over the slices whose source annotates that structure. A 255 pixel is a negative for a
+trusted structure (the data guarantee it is none of them) in ``marginal`` mode and is left out in
+``ignore`` mode; untrusted structures and background take no part. See :func:`partial_label_dice_loss`.
 """
 
 from __future__ import annotations
@@ -108,6 +114,39 @@ def partial_label_cross_entropy(
     return loss.mean()
 
 
+def partial_label_dice_loss(
+    logits: torch.Tensor, labels: torch.Tensor, trusted: torch.Tensor, mode: str = "marginal", smooth: float = 1.0
+) -> torch.Tensor:
+    """1 − mean soft Dice over the structures (classes ≥ 1) that some slice of the batch annotates.
+
+    Batch Dice: for structure ``c`` the intersection and the sums run over every pixel of every slice
+    whose ``trusted[b, c]`` is set (softmax probability ``p_c`` against ``labels == c``). Labels are
+    reduced to the logits' size by block mode when they differ. ``mode="ignore"`` leaves 255 pixels out;
+    ``"marginal"`` counts them as "not this structure", which the data guarantee for trusted structures.
+    ``smooth`` (in pixels, > 0) makes a structure absent from the whole batch and not predicted score 1.
+    """
+    if mode not in ("marginal", "ignore"):
+        raise ValueError(f"mode must be 'marginal' or 'ignore', got {mode!r}")
+    if not smooth > 0:
+        raise ValueError(f"smooth must be > 0, got {smooth!r}")
+    if labels.shape[-2:] != logits.shape[-2:]:
+        labels = downsample_labels(labels, tuple(logits.shape[-2:]))
+    labels = labels.long()
+    prob = torch.softmax(logits.float(), dim=1)[:, 1:]  # (B, N, H, W)
+    n = prob.shape[1]
+    target = (labels.unsqueeze(1) == torch.arange(1, n + 1, device=labels.device).view(1, -1, 1, 1)).float()
+    weight = trusted[:, 1:].float()[:, :, None, None]
+    if mode == "ignore":
+        weight = weight * (labels != NOT_ANNOTATED).float().unsqueeze(1)
+    inter = (prob * target * weight).sum((0, 2, 3))
+    denom = ((prob + target) * weight).sum((0, 2, 3))
+    used = trusted[:, 1:].bool().any(0)
+    if not bool(used.any()):
+        return logits.sum() * 0.0
+    dice = (2.0 * inter + smooth) / (denom + smooth)
+    return 1.0 - dice[used].mean()
+
+
 def boxes_from_labels_torch(labels: torch.Tensor, num_structures: int = NUM_STRUCTURES) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch twin of ``ParaspinalSegLib.boxes.boxes_from_labels`` for a batch (B, H, W), on the labels' device.
 
@@ -154,20 +193,28 @@ def training_loss(
     ``out`` is the network's forward dict; ``labels`` (B,H,W) with 255; ``trusted`` (B,10) bool.
     ``weights``: the config's ``loss`` section. Terms whose output is absent (ablations) are skipped.
     """
-    w = {"partial_label": "marginal", "deep_supervision_weight": 0.5, "prelim_weight": 0.5, "sag_key_weight": 0.5, "box_weight": 5.0}
+    w = {"partial_label": "marginal", "deep_supervision_weight": 0.5, "prelim_weight": 0.5, "sag_key_weight": 0.5,
+         "box_weight": 5.0, "dice_weight": 0.0}
     w.update(weights or {})
     mode = w["partial_label"]
+    dice_w = float(w["dice_weight"])
+
+    def seg_loss(x: torch.Tensor) -> torch.Tensor:
+        loss = partial_label_cross_entropy(x, labels, trusted, mode)
+        if dice_w > 0:
+            loss = loss + dice_w * partial_label_dice_loss(x, labels, trusted, mode)
+        return loss
+
     terms = PHASE_TERMS[phase]
     parts: dict[str, torch.Tensor] = {}
     if "seg" in terms:
-        parts["seg"] = partial_label_cross_entropy(out["logits"], labels, trusted, mode)
+        parts["seg"] = seg_loss(out["logits"])
     ds = out.get("deep_supervision") or []
     if "deep_supervision" in terms and ds:
         n = len(ds)
         # coarse → fine: the finest level weighs deep_supervision_weight, each coarser one half as much.
         parts["deep_supervision"] = sum(
-            w["deep_supervision_weight"] * 0.5 ** (n - 1 - i) * partial_label_cross_entropy(x, labels, trusted, mode)
-            for i, x in enumerate(ds)
+            w["deep_supervision_weight"] * 0.5 ** (n - 1 - i) * seg_loss(x) for i, x in enumerate(ds)
         )
     if "sag_key" in terms and "sag_key" in out:
         parts["sag_key"] = w["sag_key_weight"] * partial_label_cross_entropy(out["sag_key"], labels, trusted, mode)

@@ -10,6 +10,7 @@ from training.losses import (
     boxes_from_labels_torch,
     downsample_labels,
     partial_label_cross_entropy,
+    partial_label_dice_loss,
     training_loss,
 )
 
@@ -123,3 +124,46 @@ def test_box_loss_only_over_valid_and_phase_terms():
     assert set(parts) == {"prelim", "boxes"}
     _, parts = training_loss(out, labels, TRUST_SY, "joint")
     assert set(parts) == {"seg", "deep_supervision", "sag_key", "prelim", "boxes"}
+
+
+def _confident(labels, value=20.0):
+    logits = torch.full((labels.shape[0], 10, *labels.shape[-2:]), -value)
+    return logits.scatter_(1, torch.where(labels == 255, 0, labels).long().unsqueeze(1), value)
+
+
+def test_dice_loss_zero_for_perfect_and_known_value_for_half_overlap():
+    labels = torch.zeros(1, 8, 8, dtype=torch.long)
+    labels[0, 0:4, 0:4] = 6  # 16 pixels
+    assert float(partial_label_dice_loss(_confident(labels), labels, TRUST_SY, smooth=1e-3)) < 1e-6
+    pred = torch.zeros_like(labels)
+    pred[0, 0:4, 2:6] = 6  # 8 of 16 overlap → Dice 0.5 for class 6; the other trusted classes are absent
+    loss = partial_label_dice_loss(_confident(pred), labels, TRUST_SY, smooth=1.0)
+    n_trusted = 7  # 1, 4..9; absent classes with no prediction score (0 + 1) / (0 + 1) = 1
+    assert abs(float(loss) - (1 - (6 + (2 * 8 + 1) / (32 + 1)) / n_trusted)) < 1e-4
+
+
+def test_dice_loss_untrusted_classes_and_255_pixels():
+    labels = torch.zeros(1, 8, 8, dtype=torch.long)
+    labels[0, 0:4, 0:4] = 6
+    labels[0, 6:, :] = 255
+    logits = _confident(labels)
+    logits[0, 2, 6:, :] = 40.0  # canal (untrusted) where not annotated: allowed
+    assert float(partial_label_dice_loss(logits, labels, TRUST_SY, "marginal", smooth=1e-3)) < 1e-6
+    logits[0, 6, 6:, :] = 80.0  # left multifidus (trusted) where not annotated: a false positive ...
+    # class 6: 16 true + 16 false-positive pixels → (2·16 + 1) / (32 + 16 + 1); six absent classes score 1
+    expected = (1 - 33 / 49) / 7
+    assert abs(float(partial_label_dice_loss(logits, labels, TRUST_SY, "marginal")) - expected) < 1e-4
+    # ... unless 255 pixels are ignored altogether.
+    assert float(partial_label_dice_loss(logits, labels, TRUST_SY, "ignore", smooth=1e-3)) < 1e-6
+
+
+def test_dice_weight_adds_to_segmentation_terms_only():
+    g = torch.Generator().manual_seed(1)
+    out = {"logits": torch.randn(1, 10, 8, 8, generator=g), "deep_supervision": [torch.randn(1, 10, 4, 4, generator=g)],
+           "prelim_mask": torch.randn(1, 10, 2, 2, generator=g)}
+    labels = torch.zeros(1, 8, 8, dtype=torch.long)
+    labels[0, 2:6, 2:6] = 6
+    _, plain = training_loss(out, labels, TRUST_SY, "joint")
+    _, dice = training_loss(out, labels, TRUST_SY, "joint", {"dice_weight": 1.0})
+    assert dice["seg"] > plain["seg"] and dice["deep_supervision"] > plain["deep_supervision"]
+    assert dice["prelim"] == plain["prelim"]
