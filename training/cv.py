@@ -25,6 +25,11 @@ from .report import mean_dice, summarise, write_report
 from .train import _dist, _json_safe, add_data_arguments, config_from_args, train
 
 
+def _scope(k: int, folds: Sequence[int], mirror_tta: bool) -> str:
+    scope = f"{k}-fold" if len(folds) == k else f"fold(s) {list(folds)} of a {k}-fold"
+    return scope + (" (mirror TTA)" if mirror_tta else "")
+
+
 def cross_validate(
     config: dict[str, Any],
     records: Sequence[SliceRecord],
@@ -49,6 +54,7 @@ def cross_validate(
     if not run_folds or not all(0 <= f < k for f in run_folds):
         raise ValueError(f"only_folds must name folds in 0..{k - 1}, got {only_folds!r}")
     rows: list[dict[str, Any]] = []
+    done: list[int] = []
     fold_cases = []
     for f, held in enumerate(folds):
         if f not in run_folds:
@@ -62,6 +68,11 @@ def cross_validate(
         res = train(config, tr, out / f"fold_{f}", val, resume=resume, device=device, progress=progress, training_info=info)
         if _dist()[0] == 0:
             rows += evaluate_weights(res.final_weights, val, device="cpu" if device == "auto" else device, mirror_tta=mirror_tta, fold=f)
+            done.append(f)
+            if len(done) < len(run_folds):
+                # Interim report after every fold: a long CPU run shows where it stands (and what it has).
+                write_report(rows, out, title=f"{config['name']}: {_scope(k, done, mirror_tta)} subject-wise cross-validation "
+                             f"(interim: {len(done)} of {len(run_folds)} folds run so far)")
     if _dist()[0] != 0:
         return {"rows": [], "folds": fold_cases}
     summary = summarise(rows)
@@ -75,9 +86,7 @@ def cross_validate(
         "evaluated_on": "original input grid via SliceSegmenter (final-epoch weights of each fold)",
         "mirror_tta": bool(mirror_tta),
     }
-    scope = f"{k}-fold" if len(run_folds) == k else f"fold(s) {run_folds} of a {k}-fold"
-    scope += " (mirror TTA)" if mirror_tta else ""
-    paths = write_report(rows, out, title=f"{config['name']}: {scope} subject-wise cross-validation")
+    paths = write_report(rows, out, title=f"{config['name']}: {_scope(k, run_folds, mirror_tta)} subject-wise cross-validation")
     (out / "cv_metrics.json").write_text(json.dumps(_json_safe({**metrics, "folds": fold_cases}), indent=1), encoding="utf-8")
     result = {"rows": rows, "folds": fold_cases, "metrics": metrics, "paths": paths}
     if final_model:

@@ -54,17 +54,35 @@ def trains_group(phase: str, group: str) -> bool:
     return phase == "joint" or phase == group
 
 
-def apply_phase(model: torch.nn.Module, optimizer: torch.optim.Optimizer, phase: str, epoch: int, epochs: int, poly_power: float = 0.9) -> None:
+def esnet_training_epochs(epochs: int, schedule: Mapping[str, Any], has_bsn: bool = True) -> int:
+    """Epochs at the start of a run in which the ESNet still trains (all but the final BSN-only ones)."""
+    return epochs - int(schedule.get("final_bsn_epochs", 0)) if has_bsn else epochs
+
+
+def apply_phase(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    phase: str,
+    epoch: int,
+    epochs: int,
+    poly_power: float = 0.9,
+    esnet_epochs: int | None = None,
+) -> None:
     """Set ``requires_grad`` and each optimizer group's learning rate for ``phase`` at ``epoch``.
 
     Frozen groups get ``requires_grad=False`` (no gradient is even computed) *and* ``lr = 0`` (so
-    AdamW's momentum or weight decay cannot move them either). Trained groups follow a polynomial decay.
+    AdamW's momentum or weight decay cannot move them either). Trained groups follow a polynomial decay:
+    the BSN's over the whole run, the ESNet's over its own ``esnet_epochs`` (default ``epochs``; see
+    :func:`esnet_training_epochs`), so it has annealed when the final BSN-only epochs freeze it however
+    many of those there are.
     """
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}")
-    decay = (1.0 - epoch / max(epochs, 1)) ** poly_power
+    span = {"esnet": esnet_epochs or epochs, "bsn": epochs}
     for group in optimizer.param_groups:
         on = trains_group(phase, group["name"])
         for p in group["params"]:
             p.requires_grad_(on)
+        end = max(span.get(group["name"], epochs), 1)
+        decay = max(0.0, 1.0 - epoch / end) ** poly_power
         group["lr"] = group["base_lr"] * decay if on else 0.0

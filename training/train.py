@@ -32,7 +32,7 @@ from .config import load_config, network_config
 from .data import SliceRecord, load_sources, prepare_records, structures_learned, subject_folds
 from .evaluate import canonical_dice
 from .losses import training_loss
-from .schedule import apply_phase, build_optimizer, phase_for_epoch
+from .schedule import apply_phase, build_optimizer, esnet_training_epochs, phase_for_epoch
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -221,7 +221,8 @@ def train(
     for epoch in range(start, stop):
         t0 = time.perf_counter()
         phase = phase_for_epoch(epoch, epochs, config["schedule"], has_bsn)
-        apply_phase(model, optimizer, phase, epoch, epochs, float(config["optimizer"].get("poly_power", 0.9)))
+        apply_phase(model, optimizer, phase, epoch, epochs, float(config["optimizer"].get("poly_power", 0.9)),
+                    esnet_training_epochs(epochs, config["schedule"], has_bsn))
         if ddp and phase != wrapped_phase:
             # DDP records which parameters need gradients when it is built: rebuild it per phase.
             wrapped = torch.nn.parallel.DistributedDataParallel(
@@ -237,7 +238,8 @@ def train(
             idx = perm[b * batch_size : (b + 1) * batch_size].to(dev)
             x, y, t = augment_batch(train_data.images[idx], train_data.labels[idx], train_data.trusted[idx], aug_cfg, aug_gen)
             with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
-                out_dict = net(x)
+                # A BSN epoch's loss needs only the BSN's outputs: skip the decoder (about a third of a step).
+                out_dict = net(x, bsn_only=True) if phase == "bsn" else net(x)
             loss, parts = training_loss(out_dict, y, t, phase, loss_cfg)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

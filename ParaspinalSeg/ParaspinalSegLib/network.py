@@ -72,6 +72,8 @@ __all__ = [
 #: larger on predicted structures and larger still inside their boxes — the gate's intended direction.
 SAG_WEIGHT_INIT = 1.0
 SAG_BIAS_INIT = 1.0
+#: Allowed values of ``NetworkConfig.sag_apply``.
+SAG_APPLY = ("quarter", "all")
 
 
 @dataclass
@@ -103,6 +105,10 @@ class NetworkConfig:
     detector_pool: int = 4
     #: Slope of every LeakyReLU.
     negative_slope: float = 0.01
+    #: Where the SAG's attention map α (computed at the decoder's 1/4 level) scales decoder features:
+    #: ``"quarter"`` only the 1/4 level; ``"all"`` the 1/4 level and every finer decoder level (α
+    #: upsampled bilinearly), so the ungated encoder skips cannot route around the gate.
+    sag_apply: str = "quarter"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -133,6 +139,8 @@ class NetworkConfig:
                 "NetworkConfig.use_sag=True requires depth ≥ 4: the gate acts on the decoder's 1/4 level, which "
                 f"a depth-{self.depth} network never decodes"
             )
+        if self.sag_apply not in SAG_APPLY:
+            raise ValueError(f"NetworkConfig.sag_apply must be one of {SAG_APPLY}, got {self.sag_apply!r}")
         if not isinstance(self.negative_slope, (int, float)) or isinstance(self.negative_slope, bool) or self.negative_slope < 0:
             raise ValueError(f"NetworkConfig.negative_slope must be a number ≥ 0, got {self.negative_slope!r}")
 
@@ -385,9 +393,15 @@ class BSESNet(nn.Module):
         if height < 2 * m or width < 2 * m:
             raise ValueError(f"input H×W = {height}×{width} is too small for depth {c.depth}: need at least {2 * m}×{2 * m}")
 
-    def forward(self, x: torch.Tensor) -> dict[str, Any]:
-        """Run the network; see the module docstring for the keys and shapes of the returned dict."""
+    def forward(self, x: torch.Tensor, bsn_only: bool = False) -> dict[str, Any]:
+        """Run the network; see the module docstring for the keys and shapes of the returned dict.
+
+        ``bsn_only=True`` stops after the BSN and returns only ``"prelim_mask"`` and ``"boxes"`` (the
+        trainer's BSN epochs: the decoder's outputs would be computed and thrown away).
+        """
         self.check_input(x)
+        if bsn_only and self.bsn is None:
+            raise ValueError("bsn_only=True needs a network with a BSN (this one is a plain U-Net)")
         c = self.config
         skips: list[torch.Tensor] = []
         h = x
@@ -403,9 +417,12 @@ class BSESNet(nn.Module):
             prelim, boxes = self.bsn(skips[2], skips[-1])
             out["prelim_mask"] = prelim
             out["boxes"] = boxes
+            if bsn_only:
+                return out
 
         deep: list[torch.Tensor] = []
         h = skips[-1]
+        alpha = None
         for level in range(c.depth - 2, -1, -1):
             h = self.decoder[level](torch.cat((self.upsample[level](h), skips[level]), dim=1))
             if level == 2 and self.sag is not None:
@@ -413,6 +430,8 @@ class BSESNet(nn.Module):
                 h, key_logits, alpha = self.sag(h, boxes)
                 out["sag_key"] = key_logits
                 out["attention"] = alpha
+            elif level < 2 and alpha is not None and c.sag_apply == "all":
+                h = h * F.interpolate(alpha, size=h.shape[-2:], mode="bilinear", align_corners=False)
             # At 1/4 the deep-supervision head sees the gated features, so α also gets segmentation gradient.
             if level >= 1 and self.ds_heads is not None:
                 deep.append(self.ds_heads[level - 1](h))

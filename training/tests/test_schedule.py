@@ -5,7 +5,7 @@ import torch
 
 from ParaspinalSegLib.network import NetworkConfig, build_network
 from training.config import load_config
-from training.schedule import apply_phase, build_optimizer, phase_for_epoch
+from training.schedule import apply_phase, build_optimizer, esnet_training_epochs, phase_for_epoch
 
 SCHED = load_config("bsesnet")["schedule"]
 
@@ -17,10 +17,13 @@ def test_phase_boundaries_of_paper_schedule():
     assert phases[:10] == ["joint"] * 10
     assert phases[10:19] == ["esnet"] * 9 and phases[19] == "bsn" and phases[20] == "esnet"
     assert phases[29] == "bsn" and phases[30] == "esnet"
-    assert phases[-final:] == ["bsn"] * final and phases[-final - 1] == "esnet"
-    # The shipped 50-epoch run: 10 joint + 35 ESNet + 5 BSN epochs (3 in the cycles, the last 2 BSN-only).
-    assert (SCHED_EPOCHS, final) == (50, 2)
-    assert [phases.count(p) for p in ("joint", "esnet", "bsn")] == [10, 35, 5]
+    assert phases[-final:] == ["bsn"] * final
+    # The shipped 60-epoch run: 10 joint + 36 ESNet + 14 BSN epochs (4 in the cycles, the last 10 BSN-only),
+    # so the ESNet trains in the first 50 epochs, as long as the plain U-Net's whole run.
+    assert (SCHED_EPOCHS, final) == (60, 10)
+    assert [phases.count(p) for p in ("joint", "esnet", "bsn")] == [10, 36, 14]
+    assert phases[48] == "esnet" and phases[49] == "bsn"  # the fourth cycle ends where the BSN-only tail begins
+    assert load_config("unet")["epochs"] == SCHED_EPOCHS - final
     long = [phase_for_epoch(e, 200, {**SCHED, "final_bsn_epochs": 10}) for e in range(200)]
     assert long[-10:] == ["bsn"] * 10 and long[188] == "esnet" and long[179] == "bsn"
     assert phase_for_epoch(5, 200, SCHED, has_bsn=False) == "joint"
@@ -78,3 +81,16 @@ def test_unet_config_has_only_esnet_group():
         load_config(name)  # every shipped config is valid
     with pytest.raises(ValueError):
         load_config({"epochz": 3})
+
+
+def test_esnet_learning_rate_anneals_before_the_final_bsn_epochs():
+    model = build_network(NetworkConfig.bsesnet(base_width=4, depth=4, prelim_width=8, detector_width=4, detector_hidden=8))
+    opt = build_optimizer(model, {"lr_esnet": 1e-3, "lr_bsn": 1e-3, "weight_decay": 0.0})
+    groups = {g["name"]: g for g in opt.param_groups}
+    epochs, sched = 60, {**SCHED, "final_bsn_epochs": 10}
+    span = esnet_training_epochs(epochs, sched)
+    assert span == 50 and esnet_training_epochs(epochs, sched, has_bsn=False) == 60
+    apply_phase(model, opt, "esnet", 48, epochs, 0.9, span)
+    assert groups["esnet"]["lr"] == pytest.approx(1e-3 * (2 / 50) ** 0.9)  # as a 50-epoch U-Net's at epoch 48
+    apply_phase(model, opt, "bsn", 55, epochs, 0.9, span)
+    assert groups["bsn"]["lr"] == pytest.approx(1e-3 * (5 / 60) ** 0.9) and groups["esnet"]["lr"] == 0.0

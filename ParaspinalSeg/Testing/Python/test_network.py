@@ -267,6 +267,34 @@ def test_attention_is_larger_inside_boxes() -> None:
     assert torch.all(a_in > a_out)
 
 
+@pytest.mark.parametrize("sag_apply,finer_levels_gated", [("quarter", False), ("all", True)])
+def test_sag_apply_says_which_decoder_levels_the_gate_scales(sag_apply: str, finer_levels_gated: bool) -> None:
+    # Closing the gate (α → 0) zeroes the gated features. With "all" the final features are gated too, so
+    # every logit collapses to the head's bias; with "quarter" the encoder skips still reach the head.
+    model = _small("bsesnet", sag_apply=sag_apply).eval()
+    with torch.no_grad():
+        model.sag.gate.weight.zero_()
+        model.sag.gate.bias.fill_(-80.0)
+        out = model(torch.randn(1, 1, 64, 64))
+    assert float(out["attention"].max()) < 1e-30
+    bias = model.head.bias.view(1, -1, 1, 1).expand_as(out["logits"])
+    assert torch.allclose(out["logits"], bias, atol=1e-5) is finer_levels_gated
+    with pytest.raises(ValueError, match="sag_apply"):
+        NetworkConfig(sag_apply="everywhere")
+
+
+def test_bsn_only_forward_gives_the_same_bsn_outputs() -> None:
+    model = _small("bsesnet").eval()
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        full, short = model(x), model(x, bsn_only=True)
+    assert set(short) == {"prelim_mask", "boxes"}
+    torch.testing.assert_close(short["prelim_mask"], full["prelim_mask"], rtol=0, atol=0)
+    torch.testing.assert_close(short["boxes"], full["boxes"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="plain U-Net"):
+        _small("unet")(x, bsn_only=True)
+
+
 def test_coordinate_channels() -> None:
     c = coordinate_channels(2, 4, 8, device=torch.device("cpu"), dtype=torch.float32)
     assert c.shape == (2, 2, 4, 8)
