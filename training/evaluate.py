@@ -57,11 +57,12 @@ def evaluate_weights(weights: str | Path, records: Sequence[SliceRecord], device
 
 
 @torch.no_grad()
-def canonical_dice(model: torch.nn.Module, data: PreparedData, batch_size: int = 8) -> float:
+def canonical_dice(model: torch.nn.Module, data: PreparedData, batch_size: int = 8, sag_boxes: Optional[torch.Tensor] = None) -> float:
     """Fast validation Dice on the model grid (mean over slices × trusted structures present in either).
 
     Used for the progress bar and the best-checkpoint choice; the reported numbers come from
-    :func:`evaluate_segmenter` on the original grid.
+    :func:`evaluate_segmenter` on the original grid. ``sag_boxes`` (N, 9, 4): the SAG query to use
+    instead of the detected boxes (``training.sag_check``).
     """
     was_training = model.training
     model.eval()
@@ -71,7 +72,8 @@ def canonical_dice(model: torch.nn.Module, data: PreparedData, batch_size: int =
         y = data.labels[i : i + batch_size].long()
         t = data.trusted[i : i + batch_size]
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-            pred = model(x.float())["logits"].argmax(1)
+            kw = {} if sag_boxes is None else {"sag_boxes": sag_boxes[i : i + batch_size].to(x.device)}
+            pred = model(x.float(), **kw)["logits"].argmax(1)
         for v in range(1, t.shape[1]):
             p, g = pred == v, y == v
             inter = (p & g).flatten(1).sum(1).float()

@@ -393,11 +393,13 @@ class BSESNet(nn.Module):
         if height < 2 * m or width < 2 * m:
             raise ValueError(f"input H×W = {height}×{width} is too small for depth {c.depth}: need at least {2 * m}×{2 * m}")
 
-    def forward(self, x: torch.Tensor, bsn_only: bool = False) -> dict[str, Any]:
+    def forward(self, x: torch.Tensor, bsn_only: bool = False, sag_boxes: torch.Tensor | None = None) -> dict[str, Any]:
         """Run the network; see the module docstring for the keys and shapes of the returned dict.
 
         ``bsn_only=True`` stops after the BSN and returns only ``"prelim_mask"`` and ``"boxes"`` (the
         trainer's BSN epochs: the decoder's outputs would be computed and thrown away).
+        ``sag_boxes`` (B, N, 4): boxes to rasterise as the SAG's query instead of the detected ones (a
+        diagnostic: how much does the segmentation depend on the boxes? see ``training.sag_check``).
         """
         self.check_input(x)
         if bsn_only and self.bsn is None:
@@ -419,6 +421,8 @@ class BSESNet(nn.Module):
             out["boxes"] = boxes
             if bsn_only:
                 return out
+            if sag_boxes is not None:
+                boxes = sag_boxes
 
         deep: list[torch.Tensor] = []
         h = skips[-1]

@@ -385,3 +385,16 @@ def test_count_parameters() -> None:
     assert total == sum(p.numel() for p in model.parameters())
     model.head.weight.requires_grad_(False)
     assert count_parameters(model, trainable_only=True) == total - model.head.weight.numel()
+
+
+def test_sag_boxes_replace_the_detected_query() -> None:
+    model = _small("bsesnet").eval()
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+        same = model(x, sag_boxes=out["boxes"])
+        empty = model(x, sag_boxes=torch.zeros_like(out["boxes"]))
+    torch.testing.assert_close(same["logits"], out["logits"], rtol=0, atol=0)
+    torch.testing.assert_close(empty["boxes"], out["boxes"])  # the BSN's own output is still reported
+    assert not torch.allclose(empty["attention"], out["attention"])  # an empty query lowers α inside boxes
+    assert not torch.allclose(empty["logits"], out["logits"])
