@@ -143,6 +143,7 @@ class ParaspinalSegParameterNode:
     manualThreshold - Intensity above which muscle pixels count as fat (method "manual").
     showBoxes - Show the box around each structure.
     device - Where the network runs ("auto": GPU if PyTorch can use one).
+    mirrorAveraging - Average the network's output for the slice and its mirror image (left-right consistent).
     weightsPath - Model config (.json) or weights (.safetensors); the shipped model by default.
     """
 
@@ -153,6 +154,7 @@ class ParaspinalSegParameterNode:
     manualThreshold: Annotated[float, WithinRange(-1.0e6, 1.0e6)] = 0.0
     showBoxes: bool = True
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    mirrorAveraging: bool = True
     weightsPath: pathlib.Path = DEFAULT_WEIGHTS_PATH
 
 
@@ -386,7 +388,8 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.app.processEvents()  # show the status before the (short) blocking run
             outcome = self.logic.segmentSlice(
                 node.inputVolume, k, segmentationNode=node.outputSegmentation, level=node.spinalLevel,
-                method=self._method(), device=node.device, weightsPath=node.weightsPath, showBoxes=node.showBoxes)
+                method=self._method(), device=node.device, weightsPath=node.weightsPath, showBoxes=node.showBoxes,
+                mirrorAveraging=node.mirrorAveraging)
             node.outputSegmentation = outcome.segmentation_node
             self.logic.showResults(outcome.segmentation_node, outcome.table_node)
             self.ui.statusLabel.text = self.logic.describeOutcome(outcome)
@@ -571,7 +574,7 @@ class ParaspinalSegLogic(ScriptedLoadableModuleLogic):
         except (ParaspinalSegError, OSError, ValueError) as exc:
             return _("Model not usable: {error}").format(error=exc)
 
-    def getSegmenter(self, weightsPath=None, device: str = "auto"):
+    def getSegmenter(self, weightsPath=None, device: str = "auto", mirrorAveraging: bool = True):
         """The SliceSegmenter for (weights, device), loading the model only when either changed."""
         from ParaspinalSegLib.segmenter import SliceSegmenter
 
@@ -579,8 +582,11 @@ class ParaspinalSegLogic(ScriptedLoadableModuleLogic):
         key = (str(path.resolve()), path.stat().st_mtime if path.exists() else None, device)
         if self._segmenter is None or self._segmenterKey != key:
             self._segmenter = None  # free the previous model before loading another
-            self._segmenter = SliceSegmenter(weights=path, device=device)
+            self._segmenter = SliceSegmenter(weights=path, device=device, mirror_tta=mirrorAveraging)
             self._segmenterKey = key
+        elif self._segmenter.mirror_tta != bool(mirrorAveraging):
+            # Same model, other inference mode: no reload.
+            self._segmenter = SliceSegmenter.from_model(self._segmenter.model, self._segmenter.config, mirror_tta=mirrorAveraging)
         return self._segmenter
 
     #
@@ -622,18 +628,20 @@ class ParaspinalSegLogic(ScriptedLoadableModuleLogic):
     #
 
     def segmentSlice(self, volumeNode, k: int, segmentationNode=None, level: str = "", method="auto",
-                     device: str = "auto", weightsPath=None, showBoxes: bool = True):
+                     device: str = "auto", weightsPath=None, showBoxes: bool = True, mirrorAveraging: bool = True):
         """Segment slice ``k`` (of ``arr[k, j, i]``); write segments, boxes and table rows (all or nothing).
 
-        ``method`` is "auto", "otsu" or a number (manual fat threshold). Bad input is refused before the
-        model loads. Returns a workflow.SliceOutcome.
+        ``method`` is "auto", "otsu" or a number (manual fat threshold); ``mirrorAveraging`` averages the
+        slice with its mirror image (SliceSegmenter's mirror_tta). Bad input is refused before the model
+        loads. Returns a workflow.SliceOutcome.
         """
         from ParaspinalSegLib import workflow
 
         workflow.check_slice(volumeNode, k)
         ijkToWorld = workflow.volume_ijk_to_world(volumeNode)  # the patient frame, parent transform included
         return workflow.segment_slice_into_scene(
-            slicer.mrmlScene, volumeNode, k, self.getSegmenter(weightsPath, device), segmentation_node=segmentationNode,
+            slicer.mrmlScene, volumeNode, k, self.getSegmenter(weightsPath, device, mirrorAveraging),
+            segmentation_node=segmentationNode,
             level=level, method=method, show_boxes=showBoxes, volume_ijk_to_ras=ijkToWorld)
 
     @staticmethod
@@ -832,6 +840,11 @@ class ParaspinalSegTest(ScriptedLoadableModuleTest):
             again = logic.segmentSlice(volumeNode, 0, device="cpu", weightsPath=weightsPath)
             self.assertIs(again.segmentation_node, segmentationNode)
             self.assertIs(logic.getSegmenter(weightsPath, "cpu"), segmenter)
+            self.assertTrue(segmenter.mirror_tta)
+            # Turning mirror averaging off keeps the loaded model (no reload).
+            single = logic.getSegmenter(weightsPath, "cpu", mirrorAveraging=False)
+            self.assertFalse(single.mirror_tta)
+            self.assertIs(single.model, segmenter.model)
 
             # An all-zero slice is refused and leaves the scene unchanged.
             slicer.util.arrayFromVolume(volumeNode)[2] = 0

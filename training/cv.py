@@ -5,9 +5,10 @@
 
 Per fold ``k`` the run lives in ``OUT/fold_k`` (resumable) and its FINAL-epoch weights are scored on the
 held-out subjects with :func:`training.evaluate.evaluate_weights` (the best-validation checkpoint is
-not used for the report: it was chosen on the very fold it would be scored on). ``OUT`` gets
-``per_slice.csv``, ``summary.csv`` (pooled and per fold), ``report.md`` (Table-1 style) and
-``cv_metrics.json``. ``--final-model`` then trains on every slice and exports ``OUT/final_model/final.json``
+not used for the report: it was chosen on the very fold it would be scored on), the way the shipped
+segmenter runs (slice and mirror image averaged). ``OUT`` gets ``per_slice.csv``, ``summary.csv`` (pooled
+and per fold), ``report.md`` (Table-1 style) and ``cv_metrics.json``; ``--no-mirror-tta`` scores one
+network pass instead and writes them to ``OUT/single_pass``. ``--final-model`` then trains on every slice and exports ``OUT/final_model/final.json``
 with the folds and cross-validation metrics recorded in its config.
 """
 
@@ -27,7 +28,7 @@ from .train import _dist, _json_safe, add_data_arguments, config_from_args, trai
 
 def _scope(k: int, folds: Sequence[int], mirror_tta: bool) -> str:
     scope = f"{k}-fold" if len(folds) == k else f"fold(s) {list(folds)} of a {k}-fold"
-    return scope + (" (mirror TTA)" if mirror_tta else "")
+    return scope + (" (mirror-averaged, as shipped)" if mirror_tta else " (single pass, no mirror averaging)")
 
 
 def cross_validate(
@@ -41,7 +42,7 @@ def cross_validate(
     final_model: bool = False,
     progress: bool = True,
     only_folds: Optional[Sequence[int]] = None,
-    mirror_tta: bool = False,
+    mirror_tta: bool = True,
 ) -> dict[str, Any]:
     """Run all folds (or ``only_folds``), write the report and return ``{"rows", "folds", "metrics", "paths"}``.
 
@@ -53,6 +54,9 @@ def cross_validate(
     run_folds = sorted(set(range(k) if only_folds is None else only_folds))
     if not run_folds or not all(0 <= f < k for f in run_folds):
         raise ValueError(f"only_folds must name folds in 0..{k - 1}, got {only_folds!r}")
+    # Scores of the shipped inference (mirror-averaged) go in OUT; single-pass scores of the same folds in
+    # OUT/single_pass, so re-scoring never overwrites the other report.
+    report_dir = out if mirror_tta else out / "single_pass"
     rows: list[dict[str, Any]] = []
     done: list[int] = []
     fold_cases = []
@@ -71,7 +75,7 @@ def cross_validate(
             done.append(f)
             if len(done) < len(run_folds):
                 # Interim report after every fold: a long CPU run shows where it stands (and what it has).
-                write_report(rows, out, title=f"{config['name']}: {_scope(k, done, mirror_tta)} subject-wise cross-validation "
+                write_report(rows, report_dir, title=f"{config['name']}: {_scope(k, done, mirror_tta)} subject-wise cross-validation "
                              f"(interim: {len(done)} of {len(run_folds)} folds run so far)")
     if _dist()[0] != 0:
         return {"rows": [], "folds": fold_cases}
@@ -86,8 +90,8 @@ def cross_validate(
         "evaluated_on": "original input grid via SliceSegmenter (final-epoch weights of each fold)",
         "mirror_tta": bool(mirror_tta),
     }
-    paths = write_report(rows, out, title=f"{config['name']}: {_scope(k, run_folds, mirror_tta)} subject-wise cross-validation")
-    (out / "cv_metrics.json").write_text(json.dumps(_json_safe({**metrics, "folds": fold_cases}), indent=1), encoding="utf-8")
+    paths = write_report(rows, report_dir, title=f"{config['name']}: {_scope(k, run_folds, mirror_tta)} subject-wise cross-validation")
+    (report_dir / "cv_metrics.json").write_text(json.dumps(_json_safe({**metrics, "folds": fold_cases}), indent=1), encoding="utf-8")
     result = {"rows": rows, "folds": fold_cases, "metrics": metrics, "paths": paths}
     if final_model:
         info = {"folds": {"k": k, "seed": int(config["seed"]), "held_out_cases": fold_cases}, "cross_validation": metrics}
@@ -103,7 +107,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--final-model", action="store_true", help="after CV, train on all slices and export with the CV metrics")
     ap.add_argument("--only-folds", type=int, nargs="+", default=None, metavar="K",
                     help="run only these folds of the same split (the report says which)")
-    ap.add_argument("--mirror-tta", action="store_true", help="score with mirror test-time augmentation (SliceSegmenter(mirror_tta=True))")
+    ap.add_argument("--no-mirror-tta", dest="mirror_tta", action="store_false",
+                    help="score one network pass per slice instead of the shipped default (slice and mirror image averaged)")
     args = ap.parse_args(argv)
     config = config_from_args(args)
     records = load_sources(args.data, args.pair, limit=args.limit, dixon_in_phase=bool(config["dixon_in_phase"]))

@@ -48,9 +48,13 @@ def evaluate_segmenter(
     return rows
 
 
-def evaluate_weights(weights: str | Path, records: Sequence[SliceRecord], device: str = "cpu", mirror_tta: bool = False,
+def evaluate_weights(weights: str | Path, records: Sequence[SliceRecord], device: str = "cpu", mirror_tta: bool = True,
                      **kw: Any) -> list[dict[str, Any]]:
-    """Load a weights file with ``SliceSegmenter`` (optionally with mirror test-time augmentation) and score it on ``records``."""
+    """Load a weights file with ``SliceSegmenter`` and score it on ``records``.
+
+    ``mirror_tta``: as the shipped segmenter does by default (slice and mirror image averaged); ``False``
+    scores one network pass.
+    """
     from ParaspinalSegLib.segmenter import SliceSegmenter
 
     return evaluate_segmenter(SliceSegmenter(weights, device=device, mirror_tta=mirror_tta), records, **kw)
@@ -96,7 +100,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--iou-threshold", type=float, default=0.5)
     ap.add_argument("--limit", type=int, default=None, help="only the first N slices of each folder")
     ap.add_argument("--dixon-in-phase", action="store_true", help="also score the in-phase (water + fat) image of Dixon slices")
-    ap.add_argument("--mirror-tta", action="store_true", help="segment each slice and its mirror image and average (SliceSegmenter(mirror_tta=True))")
+    ap.add_argument("--no-mirror-tta", dest="mirror_tta", action="store_false",
+                    help="score one network pass per slice instead of the shipped default (slice and mirror image averaged)")
     args = ap.parse_args(argv)
     records = load_sources(args.data, args.pair, limit=args.limit, dixon_in_phase=args.dixon_in_phase)
     rows = evaluate_weights(args.weights, records, device=args.device, mirror_tta=args.mirror_tta, iou_threshold=args.iou_threshold,

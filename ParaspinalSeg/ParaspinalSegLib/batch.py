@@ -279,8 +279,12 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 2) // 2)
 
 
-def load_segmenter(weights: Optional[str] = None, device: str = "auto", threads: Optional[int] = None) -> Any:
-    """Load the model once (imports torch); ``threads`` CPU threads for torch (None: :func:`default_threads`)."""
+def load_segmenter(weights: Optional[str] = None, device: str = "auto", threads: Optional[int] = None,
+                   mirror_tta: bool = True) -> Any:
+    """Load the model once (imports torch); ``threads`` CPU threads for torch (None: :func:`default_threads`).
+
+    ``mirror_tta``: average with the mirrored slice (``SliceSegmenter``'s default; off = half the network time).
+    """
     from .errors import import_torch
     from .segmenter import SliceSegmenter
 
@@ -289,7 +293,7 @@ def load_segmenter(weights: Optional[str] = None, device: str = "auto", threads:
     if n < 1:
         raise InputError(f"--threads must be at least 1, got {n}")
     torch.set_num_threads(n)
-    return SliceSegmenter(weights=weights, device=device)
+    return SliceSegmenter(weights=weights, device=device, mirror_tta=mirror_tta)
 
 
 def segment_file(
@@ -303,6 +307,7 @@ def segment_file(
     threshold_method: Any = "auto",
     threads: Optional[int] = None,
     segmenter: Any = None,
+    mirror_tta: bool = True,
 ) -> SegmentOutputs:
     """``paraspinalseg segment``: read the volume, check the slice, load the model, write the outputs.
 
@@ -316,7 +321,7 @@ def segment_file(
     check_slice(volume, k)
     t_load = time.perf_counter()
     if segmenter is None:
-        segmenter = load_segmenter(weights, device, threads)
+        segmenter = load_segmenter(weights, device, threads, mirror_tta)
     load_s = time.perf_counter() - t_load
     outputs = segment_volume_to_folder(
         volume, k, out_dir, segmenter, level=level, threshold_method=threshold_method
@@ -526,11 +531,12 @@ def run_batch_file(
     threshold_method: Any = "auto",
     progress: bool = True,
     threads: Optional[int] = None,
+    mirror_tta: bool = True,
 ) -> BatchSummary:
     """``paraspinalseg batch``: read the list, load the model once, run every row."""
     items = read_batch_list(list_path)
     t0 = time.perf_counter()
-    segmenter = load_segmenter(weights, device, threads)
+    segmenter = load_segmenter(weights, device, threads, mirror_tta)
     load_s = time.perf_counter() - t0
     summary = run_batch(items, out_dir, segmenter, threshold_method=threshold_method, progress=progress)
     summary.model_load_seconds = load_s

@@ -64,14 +64,16 @@ def test_cross_validation_writes_table(tmp_path):
     assert "fold 1" in text and "Dice (%)" in text
     assert (tmp_path / "fold_0" / "final.json").exists() and (tmp_path / "per_slice.csv").exists()
 
-    # Re-scoring the finished folds with mirror TTA trains nothing again and says how it scored.
+    assert res["metrics"]["mirror_tta"] is True and "(mirror-averaged, as shipped)" in text
+    # Re-scoring the finished folds in a single pass trains nothing again and says how it scored.
     before = (tmp_path / "fold_0" / "history.json").read_text()
-    tta = cross_validate(tiny_config(epochs=1, network={"preset": "unet"}), recs, tmp_path, k=2, progress=False,
-                         resume=True, mirror_tta=True)
+    single = cross_validate(tiny_config(epochs=1, network={"preset": "unet"}), recs, tmp_path, k=2, progress=False,
+                            resume=True, mirror_tta=False)
     assert (tmp_path / "fold_0" / "history.json").read_text() == before
-    assert tta["metrics"]["mirror_tta"] is True and res["metrics"]["mirror_tta"] is False
-    assert "(mirror TTA)" in (tmp_path / "report.md").read_text()
-    assert len(tta["rows"]) == len(res["rows"])
+    assert single["metrics"]["mirror_tta"] is False
+    assert "(single pass, no mirror averaging)" in (tmp_path / "single_pass" / "report.md").read_text()
+    assert (tmp_path / "report.md").read_text() == text  # the shipped-inference report is left as it was
+    assert len(single["rows"]) == len(res["rows"])
 
 
 def test_cross_validation_subset_of_folds_says_so(tmp_path):

@@ -174,8 +174,8 @@ def test_flipped_storage_gives_flipped_labels(weights_dir, axes):
 
 
 def test_mirror_tta_is_mirror_consistent(weights_dir):
-    """With mirror TTA, the patient mirrored across the midline gets the mirrored, left/right-swapped labels
-    (for any weights: the two passes swap roles); without it a random model has no such symmetry."""
+    """With mirror TTA (the default), the patient mirrored across the midline gets the mirrored, left/right-swapped
+    labels (for any weights: the two passes swap roles); in a single pass a random model has no such symmetry."""
     from ParaspinalSegLib.anatomy import LEFT_RIGHT_SWAP
 
     swap = np.asarray(LEFT_RIGHT_SWAP, dtype=np.uint8)
@@ -186,8 +186,9 @@ def test_mirror_tta_is_mirror_consistent(weights_dir):
         ref, res = seg.segment(a, m), seg.segment(mirrored, m)
         return float(np.mean(res.labels == swap[ref.labels[:, ::-1]])), ref
 
-    tta = SliceSegmenter(weights_dir / "all.json", keep_largest=False, mirror_tta=True)
-    plain = SliceSegmenter(weights_dir / "all.json", keep_largest=False)
+    tta = SliceSegmenter(weights_dir / "all.json", keep_largest=False)
+    assert tta.mirror_tta
+    plain = SliceSegmenter(weights_dir / "all.json", keep_largest=False, mirror_tta=False)
     with_tta, ref = agreement(tta)
     without, _ = agreement(plain)
     assert with_tta > 0.999 and without < 0.9
