@@ -313,6 +313,17 @@ def train(
     return result
 
 
+def read_cv_reports(folders: Sequence[str | Path]) -> dict[str, Any]:
+    """``{folder name: cv_metrics.json}`` of finished ``training.cv`` runs, to record with exported weights."""
+    out: dict[str, Any] = {}
+    for d in folders:
+        path = Path(d) / "cv_metrics.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"--cv-report {d}: no cv_metrics.json there (run python -m training.cv first)")
+        out[Path(d).name] = json.loads(path.read_text(encoding="utf-8"))
+    return out
+
+
 def add_data_arguments(ap: argparse.ArgumentParser) -> None:
     """Arguments shared by ``train`` and ``cv``."""
     ap.add_argument("--config", default="bsesnet", help="config JSON path or name in training/configs (default bsesnet)")
@@ -341,11 +352,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     g.add_argument("--fold", type=int, default=None, help="train on all folds but K, validate on K")
     g.add_argument("--all", action="store_true", help="train on every slice (no validation; the default)")
     ap.add_argument("--benchmark-steps", type=int, default=None, help="time N steps, print seconds/epoch, exit")
+    ap.add_argument("--cv-report", nargs="+", default=[], metavar="CV_DIR",
+                    help="training.cv output folder(s) whose cv_metrics.json to record in the exported weights' config "
+                    "(the cross-validation that stands for this configuration)")
     args = ap.parse_args(argv)
     config = config_from_args(args)
     records = load_sources(args.data, args.pair, limit=args.limit, dixon_in_phase=bool(config["dixon_in_phase"]))
     val: list[SliceRecord] = []
     info: dict[str, Any] = {"folds": None}
+    if args.cv_report:
+        try:
+            info["cross_validation"] = read_cv_reports(args.cv_report)
+        except FileNotFoundError as exc:
+            ap.error(str(exc))
     if args.fold is not None:
         folds = subject_folds(records, args.folds, int(config["seed"]))
         if not 0 <= args.fold < args.folds:

@@ -13,7 +13,7 @@ import torch
 from training.cv import cross_validate
 from training.data import load_source_folder
 from training.evaluate import evaluate_weights
-from training.train import CHECKPOINT, train
+from training.train import CHECKPOINT, read_cv_reports, train
 from training.tests.synthetic import synthetic_slice, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,6 +74,11 @@ def test_cross_validation_writes_table(tmp_path):
     assert "(single pass, no mirror averaging)" in (tmp_path / "single_pass" / "report.md").read_text()
     assert (tmp_path / "report.md").read_text() == text  # the shipped-inference report is left as it was
     assert len(single["rows"]) == len(res["rows"])
+    # The metrics can be recorded with weights trained elsewhere (the shipped model: training.train --cv-report).
+    recorded = read_cv_reports([tmp_path])
+    assert recorded[tmp_path.name]["mean_dice"] == pytest.approx(res["metrics"]["mean_dice"])
+    with pytest.raises(FileNotFoundError, match="no cv_metrics.json"):
+        read_cv_reports([tmp_path / "fold_0"])
 
 
 def test_cross_validation_subset_of_folds_says_so(tmp_path):
