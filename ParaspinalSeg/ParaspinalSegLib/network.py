@@ -101,8 +101,9 @@ class NetworkConfig:
     detector_width: int = 16
     #: Hidden units of each detector's first FC layer.
     detector_hidden: int = 64
-    #: Each detector pools its conv features to detector_pool × detector_pool before the FC layers.
-    detector_pool: int = 4
+    #: Each detector pools its conv features to detector_pool × detector_pool before the FC layers. 8 (the
+    #: shipped configs): with 4 the boxes underfit (held-out box IoU 50–68 % against 74 % with 8).
+    detector_pool: int = 8
     #: Slope of every LeakyReLU.
     negative_slope: float = 0.01
     #: Where the SAG's attention map α (computed at the decoder's 1/4 level) scales decoder features:
