@@ -357,14 +357,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "(the cross-validation that stands for this configuration)")
     args = ap.parse_args(argv)
     config = config_from_args(args)
-    records = load_sources(args.data, args.pair, limit=args.limit, dixon_in_phase=bool(config["dixon_in_phase"]))
-    val: list[SliceRecord] = []
     info: dict[str, Any] = {"folds": None}
-    if args.cv_report:
+    if args.cv_report:  # checked before the (slow) data load
         try:
             info["cross_validation"] = read_cv_reports(args.cv_report)
         except FileNotFoundError as exc:
             ap.error(str(exc))
+    records = load_sources(args.data, args.pair, limit=args.limit, dixon_in_phase=bool(config["dixon_in_phase"]))
+    val: list[SliceRecord] = []
     if args.fold is not None:
         folds = subject_folds(records, args.folds, int(config["seed"]))
         if not 0 <= args.fold < args.folds:
