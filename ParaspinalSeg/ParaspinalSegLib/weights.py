@@ -113,12 +113,35 @@ class WeightsConfig:
             lines.append(f"training data: {self.training['description']}")
         if self.metrics:
             shown = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in self.metrics.items()
-                              if not isinstance(v, (dict, list)))
+                              if v is not None and not isinstance(v, (dict, list)))
             if shown:
                 lines.append(f"metrics: {shown}")
+        lines += self._cross_validation_lines()
         if self.created:
             lines.append(f"created {self.created} with ParaspinalSeg {self.library_version}")
         return "\n".join(lines)
+
+    def _cross_validation_lines(self) -> list[str]:
+        """One line per cross-validation recorded at export (``training.cross_validation``): mean and
+        per-structure Dice, so users see the measured accuracy without opening the model card."""
+        cvs = self.training.get("cross_validation")
+        if not isinstance(cvs, dict):
+            return []
+        # A single CV is recorded flat (its metrics dict); several finished CVs by folder name.
+        entries = {"": cvs} if "mean_dice" in cvs else {k: v for k, v in cvs.items() if isinstance(v, dict)}
+        lines = []
+        for label, cv in entries.items():
+            mean = cv.get("mean_dice")
+            if not isinstance(mean, (int, float)):
+                continue
+            k = cv.get("k")
+            scope = f"{k}-fold" if len(cv.get("folds_run") or []) == k else f"folds {cv.get('folds_run')} of {k}"
+            per = cv.get("per_structure") or {}
+            parts = [f"{BY_VALUE[int(v)].name} {100 * d['dice']:.1f}" for v, d in per.items()
+                     if str(v).isdigit() and int(v) in BY_VALUE and isinstance(d, dict) and isinstance(d.get("dice"), (int, float))]
+            head = f"cross-validation{' ' + label if label else ''} ({scope}, {cv.get('slices', '?')} slices): mean Dice {100 * mean:.1f} %"
+            lines.append(head + (f" ({', '.join(parts)})" if parts else ""))
+        return lines
 
 
 # ----------------------------------------------------------------------------------------------------
