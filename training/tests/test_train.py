@@ -92,6 +92,23 @@ def test_cross_validation_subset_of_folds_says_so(tmp_path):
         cross_validate(tiny_config(epochs=1), recs, tmp_path, k=2, progress=False, only_folds=[2])
 
 
+def test_cross_validation_trains_also_on_an_unscored_source(tmp_path):
+    recs = _records(4)
+    extra = [synthetic_slice(64, seed=20 + i, source="extra", trusted=(6, 7, 8, 9)) for i in range(2)]
+    res = cross_validate(tiny_config(epochs=1, network={"preset": "unet"}), recs, tmp_path, k=2, progress=False,
+                         train_also=extra)
+    for f, held in enumerate(res["folds"]):
+        trained = json.loads((tmp_path / f"fold_{f}" / "final.json").read_text())["training"]["train_cases"]
+        assert set(trained) == {r.case_id for r in recs if r.case_id not in held} | {r.case_id for r in extra}
+    assert {r["case_id"] for r in res["rows"]} == {r.case_id for r in recs}  # the extra source is never scored
+    assert res["metrics"]["trained_also_on"] == ["extra"]
+    assert "also trained on extra, which is not scored" in (tmp_path / "report.md").read_text()
+    # The same subject in both would leak into the fold that scores it.
+    leak = [synthetic_slice(64, seed=30, subject=recs[0].subject_id)]
+    with pytest.raises(ValueError, match="shares subjects"):
+        cross_validate(tiny_config(epochs=1), recs, tmp_path / "leak", k=2, progress=False, train_also=leak)
+
+
 @pytest.mark.skipif(not (DATA / "sy_lumbar_muscle" / "manifest.csv").exists(), reason=f"shared data not found at {DATA}")
 def test_real_slices_two_epochs(tmp_path):
     recs = load_source_folder(DATA / "sy_lumbar_muscle", limit=3) + load_source_folder(DATA / "myosegmentum_lpm", limit=1)
