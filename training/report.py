@@ -100,7 +100,7 @@ def write_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, title: str
         w.writeheader()
         w.writerows(summary)
     md = [f"# {title}", "", f"Mean Dice over structures (pooled): **{100 * mean_dice(rows):.1f} %**", ""]
-    md.append(markdown_table(rows, "pooled over all slices" + (f" ({len(folds)} folds)" if folds else "")))
+    md.append(markdown_table(rows, "pooled over all slices" + (f" ({len(folds)} fold{'s' if len(folds) != 1 else ''})" if folds else "")))
     for fold in folds:
         sub = [r for r in rows if str(r.get("fold")) == fold]
         md += ["", markdown_table(sub, f"fold {fold}: mean Dice {100 * mean_dice(sub):.1f} %")]

@@ -87,7 +87,8 @@ def test_cross_validation_subset_of_folds_says_so(tmp_path):
                          only_folds=[1])
     assert res["metrics"]["folds_run"] == [1] and set(res["metrics"]["per_fold_mean_dice"]) == {1}
     assert not (tmp_path / "fold_0").exists() and (tmp_path / "fold_1" / "final.json").exists()
-    assert "fold(s) [1] of a 2-fold" in (tmp_path / "report.md").read_text()
+    text = (tmp_path / "report.md").read_text()
+    assert "fold(s) [1] of a 2-fold" in text and "pooled over all slices (1 fold)" in text
     with pytest.raises(ValueError, match="only_folds"):
         cross_validate(tiny_config(epochs=1), recs, tmp_path, k=2, progress=False, only_folds=[2])
 
