@@ -205,6 +205,7 @@ def measure_files(
                     "fat_percent": r.fat_percent,
                     "threshold": r.threshold,
                     "method": r.method,
+                    "stenosis_grade": r.stenosis_grade or "",
                     "model_version": "",  # a segmentation from a file: which model (if any) drew it is unknown
                     "pixel_count": r.pixel_count,
                     "mean_intensity": r.mean_intensity,

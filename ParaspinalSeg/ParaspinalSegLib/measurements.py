@@ -50,9 +50,12 @@ import numpy as np
 from scipy import ndimage
 
 from . import anatomy
+from .stenosis import stenosis_grade
 
 Method = Union[str, float, int]
 
+#: The canal segment is the dural sac: its CSA is graded for central stenosis.
+SPINAL_CANAL_VALUE: int = anatomy.structure("spinal_canal").value
 #: Label values whose surroundings define the fat/lean populations for the automatic threshold.
 PARASPINAL_VALUES: tuple[int, ...] = (6, 7, 8, 9)
 #: Structures that are not lean muscle or fat (disc and CSF are bright on T2): left out of the region.
@@ -88,6 +91,8 @@ class StructureMeasurement:
     sd_intensity: Optional[float]
     threshold: Optional[float]
     method: str
+    #: Canal only: central stenosis grade from the dural-sac CSA (:mod:`.stenosis`); None for other rows.
+    stenosis_grade: Optional[str] = None
 
     def to_row(self) -> dict[str, Any]:
         """Flat dict for CSV/table writers (None stays None; writers decide how to show it)."""
@@ -440,6 +445,7 @@ def measure_slice(
                 method=(threshold.method if threshold is not None else _method_name(method, slice_threshold))
                 if st.is_muscle
                 else "",
+                stenosis_grade=stenosis_grade(n * pixel_area) if st.value == SPINAL_CANAL_VALUE else None,
             )
         )
     return rows

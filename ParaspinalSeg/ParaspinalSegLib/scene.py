@@ -657,6 +657,9 @@ COLUMNS: tuple[Column, ...] = (
     Column("fat_percent", "Fat", "double", "%", "Fat fraction", "Percentage of the muscle area above the fat threshold"),
     Column("threshold", "Threshold", "double", "", "Fat threshold", "Intensity threshold separating fat from muscle"),
     Column("method", "Method", "string", "", "Threshold method", "How the fat threshold was chosen"),
+    Column("stenosis_grade", "Stenosis grade", "string", "", "Central stenosis grade (dural-sac CSA)",
+           "Canal row only: normal (CSA >= 100 mm2), relative (75 to 100 mm2) or absolute (< 75 mm2) stenosis "
+           "(Schonstrom 1985, Hamanishi 1994); an area grade on a disc-level slice, not a Schizas grade"),
     Column("model_version", "Model version", "string", "", "Model version", "Segmentation model that produced the segments"),
     # Identifies the volume when two share a name (two series named alike) or one is renamed; it means
     # nothing outside the scene, so CSV exports leave it out.
@@ -666,7 +669,7 @@ COLUMN_BY_FIELD = {c.field: c for c in COLUMNS}
 #: Columns of CSV exports (the node ID is scene-internal).
 CSV_COLUMNS: tuple[Column, ...] = tuple(c for c in COLUMNS if c.field != "volume_id")
 
-_MEASUREMENT_FIELDS = ("csa_mm2", "functional_csa_mm2", "fat_percent", "threshold", "method", "found")
+_MEASUREMENT_FIELDS = ("csa_mm2", "functional_csa_mm2", "fat_percent", "threshold", "method", "stenosis_grade", "found")
 
 
 def _new_array(kind: str):
@@ -756,6 +759,7 @@ def _normalise_row(row: Any, volume: str, slice_index: int, level: str, model_ve
         "fat_percent": _optional_float(_get(row, "fat_percent"), f"fat % of {s.name}"),
         "threshold": _optional_float(_get(row, "threshold"), f"threshold of {s.name}"),
         "method": str(_get(row, "method", "") or ""),
+        "stenosis_grade": str(_get(row, "stenosis_grade", "") or ""),
         "model_version": str(_get(row, "model_version", None) or model_version or ""),
     }
     for name in ("csa_mm2", "functional_csa_mm2"):

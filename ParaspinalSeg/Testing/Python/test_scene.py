@@ -472,3 +472,26 @@ def test_failed_first_box_write_leaves_no_empty_folder(mrml_scene, make_volume, 
         writers.write_boxes(mrml_scene, vol, 1, {4: (1, 1, 4, 4), 6: (2, 2, 5, 5)})
     assert writers._box_folder(mrml_scene, vol, None, create=False) == 0  # no empty folder left behind
     assert mrml_scene.GetNodesByClass("vtkMRMLMarkupsROINode").GetNumberOfItems() == 0
+
+
+def test_canal_row_carries_its_stenosis_grade_into_table_and_csv(mrml_scene, make_volume, tmp_path):
+    from ParaspinalSegLib.measurements import measure_slice
+
+    vol = make_volume(mrml_scene, SHAPE)
+    labels = np.zeros((40, 40), np.uint8)
+    labels[5:14, 5:14] = 2  # 81 px of 1 mm²: relative stenosis (75 ≤ CSA < 100)
+    labels[20:30, 20:30] = 3
+    rows = measure_slice(np.ones(labels.shape), labels, (1.0, 1.0))
+    table = writers.get_or_create_measurement_table(mrml_scene)
+    writers.write_measurement_rows(table, rows, volume=vol, slice_index=1, level="L4/L5")
+    got = {r["segment_id"]: r for r in writers.rows_from_table(table)}
+    assert got["spinal_canal"]["stenosis_grade"] == "relative"
+    assert got["lamina"]["stenosis_grade"] == "" and got["psoas_major_left"]["stenosis_grade"] == ""
+
+    path = tmp_path / "m.csv"
+    writers.table_to_csv(table, path)
+    with open(path, newline="") as f:
+        records = list(csv.reader(f))
+    col = records[0].index("Stenosis grade")
+    canal = next(r for r in records[1:] if r[4] == "spinal_canal")
+    assert canal[col] == "relative" and canal[records[0].index("CSA (mm2)")] == "81"
