@@ -502,10 +502,12 @@ class ParaspinalSegLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def missingPackages() -> list:
-        """Names of the Python packages the network needs that cannot be imported (no import happens)."""
+        """Names of the Python packages segmentation and measurement need that cannot be imported (no import
+        happens). scikit-image (fat threshold, clean-up, overlay) comes from Resources/requirements.txt."""
         import importlib.util
 
-        return [name for name in ("torch", "safetensors") if importlib.util.find_spec(name) is None]
+        packages = (("torch", "torch"), ("safetensors", "safetensors"), ("skimage", "scikit-image"))
+        return [name for module, name in packages if importlib.util.find_spec(module) is None]
 
     @staticmethod
     def installPackages(missing) -> None:

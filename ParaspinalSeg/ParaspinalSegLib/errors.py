@@ -45,6 +45,40 @@ class TorchMissingError(ParaspinalSegError, ImportError):
         super().__init__(message or TORCH_INSTALL_HINT)
 
 
+SCIKIT_IMAGE_REQUIREMENT = "scikit-image>=0.23"
+
+SCIKIT_IMAGE_INSTALL_HINT = (
+    "scikit-image is needed for this step (fat thresholds, clean-up of the segments, overlay contours). "
+    "In 3D Slicer, the module offers to install it on first use (or run "
+    f"slicer.util.pip_install('{SCIKIT_IMAGE_REQUIREMENT}') in the Python console). "
+    f"Outside Slicer: pip install '{SCIKIT_IMAGE_REQUIREMENT}'."
+)
+
+
+class ScikitImageMissingError(ParaspinalSegError, ImportError):
+    """scikit-image is not installed; the message says how to install it."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or SCIKIT_IMAGE_INSTALL_HINT)
+
+
+def import_skimage():
+    """Import and return ``skimage`` (with ``filters``, ``measure``, ``morphology`` loaded), or raise
+    :class:`ScikitImageMissingError` with an install hint.
+
+    Library modules that the Slicer module imports at load call this inside their functions, never at
+    import time: Slicer's Python has no scikit-image until the module installs it (after asking).
+    """
+    try:
+        import skimage
+        import skimage.filters
+        import skimage.measure
+        import skimage.morphology
+    except ImportError as exc:
+        raise ScikitImageMissingError(f"{SCIKIT_IMAGE_INSTALL_HINT} (import failed: {exc})") from exc
+    return skimage
+
+
 def import_torch():
     """Import and return ``torch``, raising :class:`TorchMissingError` with an install hint if absent."""
     try:

@@ -4,7 +4,7 @@ The slice is shown in radiological display (patient right on the viewer's left, 
 decided from the slice's IJK-to-RAS matrix through :mod:`preprocessing` like everything else, so the
 picture never depends on how the file stores its axes. Pixels are drawn square in millimetres.
 
-Needs numpy and scipy; text (legend, side letters) is drawn when Pillow is importable (it is in Slicer
+Needs numpy, scipy and scikit-image (contours; imported when a picture is drawn); text (legend, side letters) is drawn when Pillow is importable (it is in Slicer
 and in the development environment). Without Pillow the PNG is written by a small zlib encoder and the
 legend shows colour swatches only.
 """
@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import anatomy
+from .errors import import_skimage
 from .preprocessing import canonical_orientation, normalise_intensity, pixel_spacing, to_canonical
 
 #: The picture's longer image side is scaled up to at least this many pixels (nearest neighbour).
@@ -116,6 +117,8 @@ def render_overlay(
 
     # Contour width grows with the display scale so contours stay visible but thin on large pictures.
     width = max(1, int(round(min(scale) * 0.75)))
+    skimage = import_skimage()
+    diamond = skimage.morphology.diamond(width).astype(bool)
     objects = ndimage.find_objects(np.where(lab_d <= anatomy.NUM_STRUCTURES, lab_d, 0).astype(np.int32),
                                    max_label=anatomy.NUM_STRUCTURES)
     present = [st for st in anatomy.STRUCTURES if objects[st.value - 1] is not None]
@@ -129,7 +132,9 @@ def render_overlay(
         colour = _rgb255(st.color).astype(np.float32)
         patch = rgb[r0:r1, c0:c1]
         patch[mask] = (1.0 - FILL_OPACITY) * patch[mask] + FILL_OPACITY * colour
-        edge = mask & ~ndimage.binary_erosion(mask, iterations=width, border_value=0)
+        # Contour = the mask minus its erosion by a diamond of radius `width` (outside the picture counts
+        # as background, so a structure cut by the picture edge is outlined there too).
+        edge = mask & ~skimage.morphology.erosion(mask, diamond, mode="constant", cval=0)
         patch[edge] = colour
     out = np.clip(np.round(rgb), 0, 255).astype(np.uint8)
 

@@ -1,9 +1,9 @@
 """Clean-up of predicted label images: keep one connected island per structure.
 
-Numpy + scipy only (runs in 3D Slicer's Python).
+Components are scikit-image's (``skimage.measure.label``), imported when first needed so the module
+imports in a Slicer Python without scikit-image.
 
-Connectivity is 8 in 2-D (full connectivity, ``ndimage.generate_binary_structure(ndim, ndim)``, in
-any dimension): thin structures such as the lamina, or a muscle boundary after nearest-neighbour
+Connectivity is 8 in 2-D (full connectivity, ``connectivity=ndim``, in any dimension): thin structures such as the lamina, or a muscle boundary after nearest-neighbour
 resampling, are often joined only through a diagonal step, and 4-connectivity would cut them into
 "islands" and delete real tissue.
 """
@@ -16,12 +16,9 @@ import numpy as np
 from scipy import ndimage
 
 from .anatomy import BACKGROUND, NOT_ANNOTATED
+from .errors import import_skimage
 
 __all__ = ["largest_component", "keep_largest_component"]
-
-
-def _structure(ndim: int) -> np.ndarray:
-    return ndimage.generate_binary_structure(ndim, ndim)
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -29,8 +26,9 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
     Ties go to the component found first in row-major order, so the result is deterministic.
     """
+    skimage = import_skimage()
     m = np.asarray(mask).astype(bool, copy=False)
-    comp, n = ndimage.label(m, structure=_structure(m.ndim))
+    comp, n = skimage.measure.label(m, connectivity=m.ndim, return_num=True)
     if n <= 1:
         return m.copy()
     sizes = np.bincount(comp.ravel())

@@ -262,3 +262,114 @@ def test_validation_writes_table_csv_and_png(tmp_path):
     md = (tmp_path / "fat_validation.md").read_text()
     for method in fv.METHODS:
         assert f"| {method} | pooled | 116 |" in md
+
+
+# ---------------------------------------------------------------------------------------------- histogram fit
+
+
+def _pixel_em_threshold(values: np.ndarray, max_iter: int = 300, tol: float = 1e-9) -> float:
+    """Reference: the former per-pixel EM (every pixel in every iteration, standardised by median/IQR,
+    started from an Otsu split), kept here to check the histogram fit against it."""
+    x = np.asarray(values, dtype=np.float64).ravel()
+    centre = float(np.median(x))
+    q25, q75 = np.percentile(x, [25, 75])
+    scale = float(q75 - q25) or float(x.max() - x.min())
+    z = (x - centre) / scale
+    low = z <= otsu_threshold(z)
+    w = np.array([low.mean(), 1 - low.mean()])
+    m = np.array([z[low].mean(), z[~low].mean()])
+    v = np.maximum(np.array([z[low].var(), z[~low].var()]), 1e-6)
+    prev = -np.inf
+    for _ in range(max_iter):
+        logp = np.log(w)[:, None] - 0.5 * np.log(2 * np.pi * v)[:, None] - (z[None] - m[:, None]) ** 2 / (2 * v[:, None])
+        mx = logp.max(axis=0)
+        logsum = mx + np.log(np.exp(logp - mx).sum(axis=0))
+        r = np.exp(logp - logsum)
+        ll = float(logsum.mean())
+        nk = r.sum(axis=1)
+        w, m = nk / z.size, (r @ z) / nk
+        v = np.maximum((r * (z[None] - m[:, None]) ** 2).sum(axis=1) / nk, 1e-6)
+        if abs(ll - prev) < tol:
+            break
+        prev = ll
+    order = np.argsort(m)
+    from ParaspinalSegLib.measurements import GaussianMixture2
+
+    g = GaussianMixture2(w[order], m[order] * scale + centre, np.sqrt(v[order]) * scale, 0, True)
+    return g.decision_boundary()
+
+
+def _region_values(image, labels, spacing, radius=10.0):
+    """The pixels the automatic threshold fits (region of the first radius, above the lean lower cutoff)."""
+    from ParaspinalSegLib.measurements import _robust_lean, fat_region
+
+    _, _, cutoff = _robust_lean(image[np.isin(labels, (6, 7, 8, 9))])
+    return image[fat_region(labels, spacing, radius) & (image >= cutoff)]
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("case", ["fats", "noisy", "lean-body"])
+def test_histogram_fit_matches_per_pixel_em_within_one_percent(spacing, case):
+    kwargs = {"fats": dict(fat_percent=FATS, noise_sd=60.0, seed=1),
+              "noisy": dict(fat_percent=FATS, noise_sd=120.0, seed=4),
+              "lean-body": dict(fat_percent={6: 30.0, 7: 30.0}, noise_sd=40.0, seed=5)}[case]
+    image, labels, _, _ = phantom(spacing, **kwargs)
+    values = _region_values(image, labels, spacing)
+    reference = _pixel_em_threshold(values)
+    fitted = fit_gaussian_mixture2(values).decision_boundary()
+    assert reference is not None and fitted is not None
+    assert fitted == pytest.approx(reference, rel=0.01)
+    # ... and within 1 % of the lean-to-fat contrast, a measure that does not depend on the intensity offset
+    assert abs(fitted - reference) < 0.01 * (FAT - LEAN)
+    # the slice's threshold is the histogram fit's
+    res = fat_threshold(image, labels, "auto", spacing_mm=spacing)
+    if res.method == "auto-gmm" and res.details["radius_mm"] == 10.0:
+        assert res.value == pytest.approx(fitted, rel=1e-12)
+
+
+def test_histogram_fit_is_scale_and_offset_equivariant():
+    rng = np.random.default_rng(11)
+    x = np.concatenate([rng.normal(300, 40, 20000), rng.normal(900, 60, 6000)])
+    base = fit_gaussian_mixture2(x)
+    for scale, offset in ((3.7, 150.0), (0.01, -2.0), (1.0, 1e4), (250.0, -1e5)):
+        g = fit_gaussian_mixture2(x * scale + offset)
+        assert g.means == pytest.approx(base.means * scale + offset, rel=1e-9)
+        assert g.sds == pytest.approx(base.sds * scale, rel=1e-9)
+        assert g.weights == pytest.approx(base.weights, rel=1e-9)
+        assert g.decision_boundary() == pytest.approx(base.decision_boundary() * scale + offset, rel=1e-9)
+
+
+def test_otsu_is_scikit_image_threshold_otsu():
+    from skimage.filters import threshold_otsu
+
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.normal(100, 10, 700), rng.normal(250, 20, 300)])
+    assert otsu_threshold(x) == threshold_otsu(x)
+    assert otsu_threshold(np.r_[x, np.nan]) == threshold_otsu(x)  # non-finite values are left out
+
+
+def test_measurements_module_imports_without_scikit_image(tmp_path):
+    """The Slicer module imports measurements at load, before scikit-image can be installed: importing it
+    (and workflow) must not import skimage; asking for a threshold then says how to install it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, builtins\n"
+        "real = builtins.__import__\n"
+        "def guard(name, *a, **k):\n"
+        "    if name == 'skimage' or name.startswith('skimage.'):\n"
+        "        raise ImportError('No module named skimage')\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = guard\n"
+        "import numpy as np\n"
+        "from ParaspinalSegLib import measurements, workflow, postprocessing, overlay, segmenter\n"
+        "assert 'skimage' not in sys.modules\n"
+        "try:\n"
+        "    measurements.otsu_threshold(np.arange(10.0))\n"
+        "except ImportError as exc:\n"
+        "    print('MISSING', exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "MISSING" in out.stdout and "pip install" in out.stdout and "scikit-image" in out.stdout
