@@ -22,6 +22,7 @@ the way back is evaluated at the input's own pixel centres, so results land on t
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple, Optional, Union
 
@@ -29,6 +30,9 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import InputError, NonAxialSliceError
+
+#: scipy.ndimage.affine_transform's warning for a 1-D matrix (scipy 1.13 in Slicer 5.8/5.10; gone in 1.14).
+_SCIPY_1D_MATRIX_WARNING = "The behavior of affine_transform with a 1-D array"
 
 __all__ = [
     "NonAxialSliceError",
@@ -471,10 +475,14 @@ class ResampleGrid:
                     for axis, f in ((0, fr), (1, fc)):
                         if f > ANTIALIAS_ABOVE:
                             chan = ndimage.gaussian_filter1d(chan, (f - 1.0) / 2.0, axis=axis, mode="nearest")
-                out[i] = ndimage.affine_transform(
-                    chan, np.array([fr, fc]), offset=(orr, oc), output_shape=(size, size),
-                    order=1, mode="nearest",
-                )
+                # The 1-D (diagonal) matrix takes scipy's fast zoom-and-shift path; scipy < 1.14 warns on
+                # every call that its meaning changed in 0.18, which concerns code older than that.
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=_SCIPY_1D_MATRIX_WARNING, category=UserWarning)
+                    out[i] = ndimage.affine_transform(
+                        chan, np.array([fr, fc]), offset=(orr, oc), output_shape=(size, size),
+                        order=1, mode="nearest",
+                    )
         # Padding: model pixels whose centre falls outside the input field of view.
         outside_r = (r < -0.5) | (r > nr - 0.5)
         outside_c = (c < -0.5) | (c > nc - 0.5)

@@ -394,3 +394,17 @@ def test_to_input_rejects_wrong_shapes():
         grid.to_input(np.zeros((3, 32, 32)))
     with pytest.raises(InputError):
         grid.to_model(np.zeros((10, 10)))
+
+
+def test_resampling_onto_the_model_grid_warns_nothing():
+    """Slicer 5.8/5.10 ship scipy 1.13, whose affine_transform warns on every 1-D matrix: a user would see
+    the warning on each segmentation. (Checked with scipy 1.13.1; newer scipy never warns here.)"""
+    import warnings
+
+    shape = (300, 260)
+    m = centred_slice_matrix([0, -0.7, 0], [-0.9, 0, 0], shape)
+    grid = resample_grid(shape, m, ModelInput(spacing_mm=1.6, size=128))
+    assert not grid.is_identity
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grid.to_model(np.random.default_rng(0).random(shape, dtype=np.float32), order=1)
