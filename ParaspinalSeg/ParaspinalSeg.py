@@ -644,7 +644,7 @@ class ParaspinalSegLogic(ScriptedLoadableModuleLogic):
         return workflow.segment_slice_into_scene(
             slicer.mrmlScene, volumeNode, k, self.getSegmenter(weightsPath, device, mirrorAveraging),
             segmentation_node=segmentationNode,
-            level=level, method=method, show_boxes=showBoxes, volume_ijk_to_ras=ijkToWorld)
+            level=level, method=method, show_boxes=showBoxes, volume_ijk_to_ras=ijkToWorld, validated=True)
 
     @staticmethod
     def describeOutcome(outcome) -> str:

@@ -22,10 +22,12 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ParaspinalSegLib.serialisation import json_ready
+
 from .data import SliceRecord, load_sources, subject_folds
 from .evaluate import evaluate_weights
 from .report import mean_dice, summarise, write_report
-from .train import _dist, _json_safe, add_data_arguments, config_from_args, train
+from .train import _dist, add_data_arguments, config_from_args, train
 
 
 def _scope(k: int, folds: Sequence[int], mirror_tta: bool) -> str:
@@ -102,7 +104,7 @@ def cross_validate(
         "trained_also_on": also,
     }
     paths = write_report(rows, report_dir, title=f"{config['name']}: {_scope(k, run_folds, mirror_tta)} subject-wise cross-validation{also_note}")
-    (report_dir / "cv_metrics.json").write_text(json.dumps(_json_safe({**metrics, "folds": fold_cases}), indent=1), encoding="utf-8")
+    (report_dir / "cv_metrics.json").write_text(json.dumps(json_ready({**metrics, "folds": fold_cases}), indent=1), encoding="utf-8")
     result = {"rows": rows, "folds": fold_cases, "metrics": metrics, "paths": paths}
     if final_model:
         info = {"folds": {"k": k, "seed": int(config["seed"]), "held_out_cases": fold_cases}, "cross_validation": metrics}

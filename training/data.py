@@ -138,26 +138,6 @@ def load_source_folder(folder: str | Path, limit: Optional[int] = None, dixon_in
     return records
 
 
-def segment_label_values(metadata: Mapping[str, str]) -> dict[int, tuple[int, int]]:
-    """Map the segments of a ``.seg.nrrd`` header to ParaspinalSeg values.
-
-    Returns ``{our value: (layer, label value in that layer)}``. A segment is recognised by its ID
-    (``anatomy`` key, e.g. ``multifidus_left``) or its name (``left multifidus``), case-insensitively.
-    """
-    by_name = {s.name.lower(): s.value for s in STRUCTURES}
-    by_key = {k.lower(): s.value for k, s in BY_KEY.items()}
-    out: dict[int, tuple[int, int]] = {}
-    i = 0
-    while f"Segment{i}_ID" in metadata:
-        sid = metadata[f"Segment{i}_ID"].strip().lower()
-        name = metadata.get(f"Segment{i}_Name", "").strip().lower()
-        value = by_key.get(sid) or by_key.get(name) or by_name.get(name) or by_name.get(sid)
-        if value is not None:
-            out[value] = (int(metadata.get(f"Segment{i}_Layer", "0")), int(metadata.get(f"Segment{i}_LabelValue", "1")))
-        i += 1
-    return out
-
-
 def load_slicer_pair(
     volume_path: str | Path,
     segmentation_path: str | Path,
@@ -170,41 +150,25 @@ def load_slicer_pair(
     least one recognised segment pixel. The segmentation is resampled (nearest) onto the volume grid.
     Pixels of unrecognised segments become 255 (they may be one of our structures under another name).
     """
-    import SimpleITK as sitk
-
-    from ParaspinalSegLib.volume_io import read_volume
+    from ParaspinalSegLib.segfile import read_segmentation
+    from ParaspinalSegLib.validation import check_slice_index
+    from ParaspinalSegLib.volume_io import itk_image_like, read_volume
 
     vol = read_volume(volume_path)
-    seg = sitk.ReadImage(str(segmentation_path))
-    meta = {k: seg.GetMetaData(k) for k in seg.GetMetaDataKeys()}
-    mapping = segment_label_values(meta)
+    # Segments the table does not know are "not annotated" (255): they may be one of ours under another name.
+    read = read_segmentation(segmentation_path, itk_image_like(vol.array, vol), unknown_value=NOT_ANNOTATED)
+    mapping = read.matched
     if not mapping:
         raise ValueError(f"{segmentation_path}: no segment named or with an ID of a ParaspinalSeg structure")
-    reference = sitk.ReadImage(str(volume_path)) if Path(volume_path).is_file() else None
-    n_layers = seg.GetNumberOfComponentsPerPixel()
-    layers = []
-    for layer in range(n_layers):
-        img = sitk.VectorIndexSelectionCast(seg, layer) if n_layers > 1 else seg
-        if reference is not None:
-            img = sitk.Resample(img, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-        layers.append(sitk.GetArrayFromImage(img))
     shape = vol.array.shape
-    if any(a.shape != shape for a in layers):
-        raise ValueError(f"segmentation grid {layers[0].shape} does not match the volume {shape}")
-    labels = np.zeros(shape, dtype=np.uint8)
-    # Any non-zero pixel of a segment we do not know: not annotated (could be one of ours).
-    for a in layers:
-        labels[a != 0] = NOT_ANNOTATED
-    for value, (layer, lv) in mapping.items():
-        labels[layers[layer] == lv] = value
+    labels = read.labels.reshape(shape).astype(np.uint8)
     trusted = trusted_mask(mapping, zero_is_background=len(mapping) == NUM_CLASSES - 1)
     if slices is None:
         structure_pixels = (labels > 0) & (labels != NOT_ANNOTATED)
         slices = [int(k) for k in np.flatnonzero(structure_pixels.reshape(shape[0], -1).any(1))]
     records = []
     for k in slices:
-        if not 0 <= k < shape[0]:
-            raise ValueError(f"slice {k} is outside the volume (0..{shape[0] - 1})")
+        k = check_slice_index(k, shape[0], vol.name)
         records.append(
             SliceRecord(
                 source=vol.name,

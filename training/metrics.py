@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
-from ParaspinalSegLib.boxes import box_from_mask
+from ParaspinalSegLib.boxes import box_from_mask, pixel_box_iou
 
 
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -46,17 +46,6 @@ def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] = (1.0, 1.0)
     return float(np.percentile(np.concatenate([dt_g[sp], dt_p[sg]]), 95))
 
 
-def box_iou_pixels(a: Optional[Sequence[float]], b: Optional[Sequence[float]]) -> float:
-    """IoU of two half-open pixel boxes ``(r0, c0, r1, c1)``; NaN if either is missing."""
-    if a is None or b is None:
-        return math.nan
-    ir = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ic = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ir * ic
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
-
-
 def score_slice(
     pred_labels: np.ndarray,
     gt_labels: np.ndarray,
@@ -83,7 +72,7 @@ def score_slice(
         pred_present = bool(p.any())
         if not pred_present:
             pb = None
-        iou = box_iou_pixels(pb, gt_box)
+        iou = math.nan if pb is None or gt_box is None else pixel_box_iou(pb, gt_box)
         tp = gt_box is not None and pred_present and iou >= iou_threshold
         rows.append(
             {

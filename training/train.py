@@ -24,8 +24,10 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from ParaspinalSegLib import weights
 from ParaspinalSegLib.network import build_network
 from ParaspinalSegLib.preprocessing import ModelInput, NormalisationConfig
+from ParaspinalSegLib.serialisation import json_ready
 
 from .augment import augment_batch
 from .config import load_config, network_config
@@ -57,11 +59,8 @@ def _dist() -> tuple[int, int, int]:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` → this process's CUDA GPU when there is one, else CPU."""
-    _, _, local = _dist()
-    if device == "auto":
-        return torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(device)
+    """The library's :func:`~ParaspinalSegLib.weights.resolve_device` on this process's GPU (torchrun's local rank)."""
+    return weights.resolve_device(device, cuda_index=_dist()[2])
 
 
 def cpu_has_native_bf16() -> bool:
@@ -102,16 +101,6 @@ def _atomic_save(obj: Any, path: Path) -> None:
     tmp.replace(path)
 
 
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
 def export_weights(model: torch.nn.Module, path: Path, config: Mapping[str, Any], records: Sequence[SliceRecord], training: Mapping[str, Any], metrics: Mapping[str, Any]) -> Path:
     """Write the model in the library's weights format (tensors + JSON config + SHA-256)."""
     from ParaspinalSegLib.weights import save_weights
@@ -122,8 +111,8 @@ def export_weights(model: torch.nn.Module, path: Path, config: Mapping[str, Any]
         structures_learned=structures_learned(records),
         model_input=ModelInput.from_dict(config["model_input"]),
         normalisation=NormalisationConfig.from_dict(config["normalisation"]),
-        training=_json_safe(dict(training)),
-        metrics=_json_safe(dict(metrics)),
+        training=json_ready(dict(training)),
+        metrics=json_ready(dict(metrics)),
         name=str(training.get("name", path.stem)),
     )
 
@@ -298,7 +287,7 @@ def train(
                     },
                     ckpt_path,
                 )
-            (out / "history.json").write_text(json.dumps(_json_safe(history), indent=1), encoding="utf-8")
+            (out / "history.json").write_text(json.dumps(json_ready(history), indent=1), encoding="utf-8")
         if ddp:
             torch.distributed.barrier()
     bar.close()

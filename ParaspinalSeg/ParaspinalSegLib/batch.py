@@ -34,6 +34,8 @@ import numpy as np
 
 from . import anatomy
 from .errors import InputError
+from .geometry import vtk_matrix_from_array
+from .validation import check_slice_index, validate_slice
 from .volume_io import Volume, read_volume, write_label_volume
 
 #: Output file name endings, appended to the volume's name.
@@ -100,21 +102,12 @@ def resolve_slice(volume: Volume, k: Optional[int]) -> int:
             f"{volume.name} has {n} slices: choose one with --slice K (0..{n - 1}, the third voxel index "
             "as Slicer shows it)"
         )
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise InputError(f"slice index must be an integer, got {k!r}")
-    if not 0 <= int(k) < n:
-        raise InputError(f"slice index {int(k)} is out of range: {volume.name} has slices 0..{n - 1}")
-    return int(k)
+    return check_slice_index(k, n, volume.name)
 
 
 def check_slice(volume: Volume, k: int) -> None:
     """Refuse a slice that cannot be segmented (all one value, NaN, ...) before any model is loaded."""
-    from .segmenter import validate_slice
-
-    try:
-        validate_slice(volume.array[k])
-    except InputError as exc:
-        raise InputError(f"slice {k} of {volume.name}: {exc}") from None
+    validate_slice(volume.array[k], f"slice {k} of '{volume.name}'")
 
 
 def output_paths(folder: str | os.PathLike, name: str) -> dict[str, Path]:
@@ -134,11 +127,7 @@ def _add_volume_node(scene: Any, volume: Volume) -> Any:
     scalars = numpy_support.numpy_to_vtk(np.ascontiguousarray(volume.array).ravel(), deep=True)
     image.GetPointData().SetScalars(scalars)
     node.SetAndObserveImageData(image)
-    m = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            m.SetElement(r, c, float(volume.ijk_to_ras[r, c]))
-    node.SetIJKToRASMatrix(m)
+    node.SetIJKToRASMatrix(vtk_matrix_from_array(volume.ijk_to_ras))
     return node
 
 
@@ -178,7 +167,7 @@ def write_boxes_file(roi_nodes: Sequence[Any], path: str | os.PathLike, scratch:
 
 
 def _segment_in_headless_scene(volume: Volume, k: int, segmenter: Any, level: str, threshold_method: Any,
-                               paths: dict[str, Path], scratch: Path) -> Any:
+                               paths: dict[str, Path], scratch: Path, validated: bool) -> Any:
     """Segment and write segmentation, boxes and table through the Slicer button's own code path
     (:func:`workflow.segment_slice_into_scene`) on a headless MRML scene; return its outcome."""
     from . import scene as writers
@@ -189,7 +178,8 @@ def _segment_in_headless_scene(volume: Volume, k: int, segmenter: Any, level: st
     try:
         volume_node = _add_volume_node(mrml, volume)
         outcome = segment_slice_into_scene(
-            mrml, volume_node, k, segmenter, level=level, method=threshold_method, volume_ijk_to_ras=volume.ijk_to_ras
+            mrml, volume_node, k, segmenter, level=level, method=threshold_method, volume_ijk_to_ras=volume.ijk_to_ras,
+            validated=validated,
         )
         segmentation = outcome.segmentation_node
         storage = segmentation.CreateDefaultStorageNode()
@@ -215,18 +205,19 @@ def segment_volume_to_folder(
     level: str = "",
     threshold_method: Any = "auto",
     name: Optional[str] = None,
+    validated: bool = False,
 ) -> SegmentOutputs:
     """Segment slice ``k`` of ``volume`` with a loaded ``SliceSegmenter`` and write the five outputs.
 
     ``k=None`` is allowed for single-slice volumes. Files are named after ``name`` (default: the
     volume's name). Raises :class:`InputError` for unusable input; nothing is written then.
+    ``validated``: the caller already ran :func:`check_slice` on slice ``k`` (the content is checked once).
     """
     from .overlay import save_overlay
     from .preprocessing import slice_geometry_from_volume
 
     t0 = time.perf_counter()
-    k = resolve_slice(volume, k)
-    check_slice(volume, k)
+    k = resolve_slice(volume, k)  # the content is checked by the scene workflow (or was by the caller)
     level = (level or "").strip()
     name = name or volume.name
     out = Path(out_dir)
@@ -236,7 +227,7 @@ def segment_volume_to_folder(
         staged = output_paths(tmp_path, name)
         scratch = tmp_path / "scratch"
         scratch.mkdir()
-        outcome = _segment_in_headless_scene(volume, k, segmenter, level, threshold_method, staged, scratch)
+        outcome = _segment_in_headless_scene(volume, k, segmenter, level, threshold_method, staged, scratch, validated)
         result = outcome.result
         t_write = time.perf_counter()
         labels = np.zeros(volume.array.shape, np.uint8)
@@ -324,7 +315,7 @@ def segment_file(
         segmenter = load_segmenter(weights, device, threads, mirror_tta)
     load_s = time.perf_counter() - t_load
     outputs = segment_volume_to_folder(
-        volume, k, out_dir, segmenter, level=level, threshold_method=threshold_method
+        volume, k, out_dir, segmenter, level=level, threshold_method=threshold_method, validated=True
     )
     outputs.seconds["model_load"] = load_s
     outputs.seconds["total"] = time.perf_counter() - t0

@@ -13,7 +13,7 @@ Numpy only (runs in 3D Slicer's Python). Conventions (``docs/api-contract.md``):
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -24,6 +24,7 @@ __all__ = [
     "boxes_from_labels",
     "rasterise_boxes",
     "box_iou",
+    "pixel_box_iou",
 ]
 
 
@@ -109,3 +110,12 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> Union[float, np.ndarray]:
     union = area_a + area_b - inter
     iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
     return float(iou) if iou.ndim == 0 else iou
+
+
+def pixel_box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two pixel boxes ``(r0, c0, r1, c1)`` (half-open edges, floats allowed).
+
+    The same measure as :func:`box_iou` (IoU does not depend on the unit), so detector agreement and
+    detection metrics are computed one way; 0 when both boxes are empty.
+    """
+    return float(box_iou(normalised_box(*a, 1, 1), normalised_box(*b, 1, 1)))

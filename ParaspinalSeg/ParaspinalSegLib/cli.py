@@ -28,14 +28,13 @@ EXIT_INPUT_ERROR = 2
 
 
 def _threshold_method(text: str) -> Any:
-    """``auto`` / ``otsu`` / ``otsu-region`` or a number (manual threshold in image intensity units)."""
-    t = text.strip().lower()
-    if t in ("auto", "otsu", "otsu-region"):
-        return t
+    """argparse type of ``--threshold-method``: :func:`validation.parse_threshold_method`."""
+    from .validation import parse_threshold_method
+
     try:
-        return float(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"use auto, otsu, otsu-region or a number, not {text!r}") from None
+        return parse_threshold_method(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:

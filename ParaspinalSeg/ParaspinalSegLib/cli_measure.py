@@ -22,11 +22,12 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from . import anatomy
+from . import anatomy, segfile
 from .errors import InputError
 from .measurements import asymmetry, measure_slice
 from .scene import CSV_COLUMNS as TABLE_CSV_COLUMNS
 from .scene import Column, rows_to_csv
+from .validation import check_slice_index, parse_threshold_method
 
 #: What ``measure`` adds after the measurement table's own columns (:data:`scene.CSV_COLUMNS`).
 EXTRA_COLUMNS: tuple[Column, ...] = (
@@ -63,101 +64,20 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
     return p
 
 
-def _parse_method(text: str) -> Any:
-    t = str(text).strip().lower()
-    if t in ("auto", "otsu", "otsu-region"):
-        return t
-    try:
-        return float(t)
-    except ValueError:
-        raise MeasureError(f"--method must be auto, otsu, otsu-region or a number, not {text!r}") from None
-
-
-def _same_grid(a: Any, b: Any, tol: float = 1e-4) -> bool:
-    return (
-        a.GetSize() == b.GetSize()
-        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
-        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol)
-        and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol)
-    )
-
-
-def _onto_volume(seg: Any, volume: Any) -> Any:
-    """``seg`` on the volume's grid (nearest neighbour; outside the segmentation = 0)."""
-    import SimpleITK as sitk
-
-    if _same_grid(seg, volume):
-        return seg
-    if seg.GetDimension() != volume.GetDimension():
-        raise MeasureError(f"segmentation is {seg.GetDimension()}-D but the volume is {volume.GetDimension()}-D")
-    return sitk.Resample(seg, volume, sitk.Transform(), sitk.sitkNearestNeighbor, 0, seg.GetPixelID())
-
-
-def _segment_metadata(img: Any) -> dict[int, dict[str, str]]:
-    """``{segment index: {"ID":…, "LabelValue":…, "Layer":…, "Name":…}}`` from Slicer's NRRD header keys."""
-    segs: dict[int, dict[str, str]] = {}
-    for key in img.GetMetaDataKeys():
-        if not key.startswith("Segment") or "_" not in key:
-            continue
-        head, field = key.split("_", 1)
-        idx = head[len("Segment"):]
-        if idx.isdigit():
-            segs.setdefault(int(idx), {})[field] = img.GetMetaData(key)
-    return segs
-
-
-def _structure_for_segment(meta: dict[str, str]) -> Optional[anatomy.Structure]:
-    """Anatomy entry of a segment: by ID (the segment IDs the scene writer uses are the keys), else by name."""
-    sid = meta.get("ID", "")
-    if sid in anatomy.BY_KEY:
-        return anatomy.BY_KEY[sid]
-    name = meta.get("Name", "").strip().lower()
-    for st in anatomy.STRUCTURES:
-        if name in (st.name.lower(), st.key):
-            return st
-    return None
-
-
 def read_segmentation(path: Path, volume: Any) -> tuple[np.ndarray, list[str]]:
     """Label array (k, j, i) on the volume's grid with label-table values, plus notes for the user.
 
-    A ``.seg.nrrd`` (one or more layers; Slicer's ``SegmentN_ID/LabelValue/Layer`` keys) is mapped to
-    label values through :data:`anatomy.BY_KEY`; segments it cannot map are skipped with a note. Any other
-    file is read as a label image whose values already follow the label table.
+    :func:`segfile.read_segmentation` does the reading; segments it cannot map are skipped with a note.
     """
-    import SimpleITK as sitk
-
-    notes: list[str] = []
     try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise MeasureError(f"cannot read segmentation {path}: {exc}") from None
-    segs = _segment_metadata(img) if str(path).lower().endswith(".seg.nrrd") or any(
-        k.startswith("Segment0_") for k in img.GetMetaDataKeys()
-    ) else {}
-    if not segs:
-        if img.GetNumberOfComponentsPerPixel() != 1:
-            raise MeasureError(f"{path}: a multi-component image without Slicer segment metadata")
-        lab = sitk.GetArrayFromImage(_onto_volume(img, volume))
-        return lab.astype(np.int32), notes
-
-    layers = [img] if img.GetNumberOfComponentsPerPixel() == 1 else [
-        sitk.VectorIndexSelectionCast(img, c) for c in range(img.GetNumberOfComponentsPerPixel())
+        read = segfile.read_segmentation(path, volume)
+    except InputError as exc:
+        raise MeasureError(str(exc)) from None
+    notes = [
+        f"segment {entry.id or entry.index!r} ({entry.name}) is not one of the nine structures: skipped"
+        for entry in read.unmatched
     ]
-    layer_arrays = [sitk.GetArrayFromImage(_onto_volume(layer, volume)) for layer in layers]
-    out = np.zeros(layer_arrays[0].shape, dtype=np.int32)
-    for idx in sorted(segs):
-        meta = segs[idx]
-        st = _structure_for_segment(meta)
-        if st is None:
-            notes.append(f"segment {meta.get('ID', idx)!r} ({meta.get('Name', '')}) is not one of the nine structures: skipped")
-            continue
-        layer = int(meta.get("Layer", "0") or 0)
-        value = int(meta.get("LabelValue", "1") or 1)
-        if layer >= len(layer_arrays):
-            raise MeasureError(f"{path}: segment {meta.get('ID')} is on layer {layer} but the file has {len(layer_arrays)}")
-        out[layer_arrays[layer] == value] = st.value
-    return out, notes
+    return read.labels, notes
 
 
 def measure_files(
@@ -179,9 +99,7 @@ def measure_files(
     spacing = pixel_spacing(slice_geometry_from_volume(volume.ijk_to_ras, 0))
 
     if slice_index is not None:
-        if not 0 <= slice_index < image.shape[0]:
-            raise MeasureError(f"--slice {slice_index} is outside the volume (0..{image.shape[0] - 1})")
-        ks = [slice_index]
+        ks = [check_slice_index(slice_index, image.shape[0], volume.name)]
     else:
         ks = [k for k in range(image.shape[0]) if np.isin(labels[k], list(anatomy.BY_VALUE)).any()]
         if not ks:
@@ -236,7 +154,7 @@ def asymmetry_path(out: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     """Run ``measure`` for parsed arguments; returns the process exit status (0 ok, 2 input error)."""
     try:
-        method = _parse_method(args.method)
+        method = parse_threshold_method(args.method)
         rows, asym_rows, notes = measure_files(args.volume, args.segmentation, args.slice, method, args.level)
     except InputError as exc:  # MeasureError and the volume reader's errors
         print(f"paraspinalseg measure: error: {exc}", file=sys.stderr)

@@ -34,6 +34,10 @@ class NonAxialSliceError(InputError):
     """The slice is not (close to) axial: its normal is not closest to the patient's S axis."""
 
 
+class SceneWriteError(InputError):
+    """Bad input to a scene writer (segmentation, ROI boxes, measurement table); raised before the scene is modified."""
+
+
 class WeightsError(ParaspinalSegError, ValueError):
     """A weights file or its JSON config is missing, corrupt, tampered with or does not fit the code."""
 

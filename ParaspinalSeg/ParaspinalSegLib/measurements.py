@@ -54,6 +54,7 @@ from scipy import ndimage
 from . import anatomy
 from .errors import import_skimage
 from .stenosis import stenosis_grade
+from .validation import parse_threshold_method
 
 Method = Union[str, float, int]
 
@@ -336,15 +337,9 @@ def fat_threshold(
     img, lab = _check_inputs(image, labels)
     spacing = _as_spacing(spacing_mm)
 
-    if isinstance(method, (int, float, np.integer, np.floating)) and not isinstance(method, bool):
-        return ThresholdResult(float(method), "manual", {})
-    if not isinstance(method, str):
-        raise ValueError(f"unknown fat threshold method {method!r}")
-    name = method.strip().lower()
-    try:  # "350" typed in a field or on the command line
-        return ThresholdResult(float(name), "manual", {})
-    except ValueError:
-        pass
+    name = parse_threshold_method(method)
+    if isinstance(name, float):
+        return ThresholdResult(name, "manual", {})
 
     muscle = np.isin(lab, anatomy.MUSCLE_VALUES)
     if name == "otsu":
@@ -352,9 +347,6 @@ def fat_threshold(
         if not mask.any():
             return ThresholdResult(None, "otsu", {"reason": "no pixels"})
         return ThresholdResult(otsu_threshold(img[mask]), "otsu", {"pixels": int(mask.sum())})
-
-    if name not in ("auto", "auto-gmm", "gmm", "otsu-region"):
-        raise ValueError(f"unknown fat threshold method {method!r}; use 'auto', 'otsu', 'otsu-region' or a number")
 
     seeds = np.isin(lab, PARASPINAL_VALUES)
     if not seeds.any():
@@ -433,7 +425,7 @@ def measure_slice(
     chosen = _resolve_structures(structures)
 
     slice_threshold: Optional[ThresholdResult] = None
-    is_otsu = isinstance(method, str) and method.strip().lower() == "otsu"
+    is_otsu = parse_threshold_method(method) == "otsu"
     if not is_otsu and any(s.is_muscle for s in chosen):
         slice_threshold = fat_threshold(img, lab, method, spacing_mm=(s0, s1))
 
@@ -482,13 +474,8 @@ def measure_slice(
 def _method_name(method: Method, result: Optional[ThresholdResult]) -> str:
     if result is not None:
         return result.method
-    if isinstance(method, str):
-        try:
-            float(method)
-            return "manual"
-        except ValueError:
-            return method.strip().lower()
-    return "manual"
+    name = parse_threshold_method(method)
+    return "manual" if isinstance(name, float) else name
 
 
 def _pct_diff(left: Optional[float], right: Optional[float]) -> Optional[float]:

@@ -24,12 +24,13 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping, NamedTuple, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 from scipy import ndimage
 
 from .errors import InputError, NonAxialSliceError
+from .geometry import RasBox, pixel_box_to_ras
 
 #: scipy.ndimage.affine_transform's warning for a 1-D matrix (scipy 1.13 in Slicer 5.8/5.10; gone in 1.14).
 _SCIPY_1D_MATRIX_WARNING = "The behavior of affine_transform with a 1-D array"
@@ -41,7 +42,6 @@ __all__ = [
     "NormalisationConfig",
     "ResampleGrid",
     "PreparedSlice",
-    "RasBox",
     "DEFAULT_MAX_OBLIQUITY_DEG",
     "slice_geometry_from_volume",
     "slice_geometry_from_nifti_affine",
@@ -341,17 +341,6 @@ def normalise_intensity(a: np.ndarray, low_pct: float = 0.5, high_pct: float = 9
 # Resampling grid
 # --------------------------------------------------------------------------------------------------
 
-class RasBox(NamedTuple):
-    """A box in patient space, aligned with the slice's own axes (for an oriented Slicer ROI)."""
-
-    #: RAS (mm) of the box centre, shape (3,).
-    center_ras: np.ndarray
-    #: Extent (mm) along the slice's axis 0 and axis 1, shape (2,).
-    size_mm: np.ndarray
-    #: Columns: unit RAS directions of axis 0, axis 1 and the normal (axis0 × axis1), shape (3, 3).
-    axes_ras: np.ndarray
-
-
 def _interp_axis(values: np.ndarray, coords: np.ndarray, axis: int) -> np.ndarray:
     """Linear interpolation of ``values`` along ``axis`` at centre-index ``coords`` (edge-clamped).
 
@@ -553,16 +542,7 @@ class ResampleGrid:
         The box is aligned with the slice's own axes, so an ROI built from it sits on the slice even
         when the volume is oblique.
         """
-        p0, q0, p1, q1 = self.box_to_input(cx, cy, w, h)
-        m = _as_matrix(self.slice_ijk_to_ras)
-        centre = m @ np.array([(p0 + p1) / 2 - 0.5, (q0 + q1) / 2 - 0.5, 0.0, 1.0])
-        s0, s1 = pixel_spacing(m)
-        d0, d1, n = _unit_axes(m)
-        return RasBox(
-            center_ras=centre[:3],
-            size_mm=np.array([(p1 - p0) * s0, (q1 - q0) * s1]),
-            axes_ras=np.stack([d0, d1, n], axis=1),
-        )
+        return pixel_box_to_ras(self.box_to_input(cx, cy, w, h), self.slice_ijk_to_ras)
 
 
 def resample_grid(

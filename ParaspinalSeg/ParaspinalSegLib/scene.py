@@ -26,6 +26,9 @@ from typing import Any, Optional
 import numpy as np
 
 from . import anatomy
+from .errors import InputError, SceneWriteError
+from .geometry import array_from_vtk_matrix, pixel_box_to_ras, vtk_matrix_from_array
+from .validation import check_slice_index
 
 ROLE_ATTRIBUTE = "ParaspinalSeg.Role"
 STRUCTURE_ATTRIBUTE = "ParaspinalSeg.Structure"
@@ -42,10 +45,6 @@ ROLE_MEASUREMENTS = "measurements"
 DEFAULT_TABLE_NAME = "ParaspinalSeg measurements"
 
 _BINARY_LABELMAP = "Binary labelmap"
-
-
-class SceneWriteError(ValueError):
-    """Bad input to a scene writer; raised before the scene is modified."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,17 +106,13 @@ def _volume_parent_item(scene, volume_node) -> int:
     return parent if parent else sh.GetSceneItemID()
 
 
-def _matrix_to_numpy(vtk_matrix) -> np.ndarray:
-    return np.array([[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=float)
-
-
 def volume_ijk_to_ras(volume_node) -> np.ndarray:
     """The volume's 4x4 IJK-to-RAS matrix (local coordinates, parent transform not applied)."""
     import vtk
 
     m = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(m)
-    return _matrix_to_numpy(m)
+    return array_from_vtk_matrix(m)
 
 
 def validate_volume(volume_node) -> tuple[int, int, int]:
@@ -147,11 +142,10 @@ def validate_volume(volume_node) -> tuple[int, int, int]:
 
 
 def _check_slice_index(k: Any, num_slices: int) -> int:
-    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
-        raise SceneWriteError(f"slice index must be an integer, got {k!r}")
-    if not 0 <= int(k) < num_slices:
-        raise SceneWriteError(f"slice index {int(k)} is out of range: the volume has slices 0..{num_slices - 1}")
-    return int(k)
+    try:
+        return check_slice_index(k, num_slices)
+    except InputError as exc:  # a writer's refusal is a SceneWriteError
+        raise SceneWriteError(str(exc)) from None
 
 
 def _find_volume_outputs(scene, class_name: str, role: str, volume_node) -> list:
@@ -494,18 +488,16 @@ def box_geometry(ijk_to_ras: np.ndarray, k: int, pixel: Sequence[float]) -> BoxG
     edges at half-voxel offsets. The box spans one slice thickness along the slice normal, so it shows
     on slice ``k`` only; its axes follow the volume's I and J axes (also for oblique volumes).
     """
-    p0, q0, p1, q1 = (float(v) for v in pixel)
+    from .preprocessing import slice_geometry_from_volume
+
     m = np.asarray(ijk_to_ras, dtype=float)
-    center_ijk = np.array([(q0 + q1) / 2.0 - 0.5, (p0 + p1) / 2.0 - 0.5, float(k), 1.0])
-    center = (m @ center_ijk)[:3]
-    steps = m[:3, :3]
-    spacing = np.linalg.norm(steps, axis=0)
-    axes = steps / spacing
-    # A box is symmetric about its centre, so flipping the normal keeps it while making the axes a
-    # rotation (volumes with a left-handed IJK frame would otherwise give a mirrored ROI frame).
-    if np.linalg.det(axes) < 0:
-        axes[:, 2] = -axes[:, 2]
-    size = ((q1 - q0) * spacing[0], (p1 - p0) * spacing[1], spacing[2])
+    box = pixel_box_to_ras(pixel, slice_geometry_from_volume(m, k))
+    # The ROI's axes in the volume's I, J order (its first size is along I), with the right-handed normal
+    # I × J: the slice box's axes are (J, I, J × I).
+    d_j, d_i, n = box.axes_ras.T
+    axes = np.stack([d_i, d_j, -n], axis=1)
+    center = box.center_ras
+    size = (box.size_mm[1], box.size_mm[0], float(np.linalg.norm(m[:3, 2])))
     return BoxGeometry(tuple(float(c) for c in center), tuple(float(s) for s in size), axes)
 
 
@@ -557,8 +549,6 @@ def write_boxes(
     volume sit in one subject-hierarchy folder (``folder_name``, created next to the volume).
     Returns the new ROI nodes by label value.
     """
-    import vtk
-
     num_k, num_j, num_i = validate_volume(volume_node)
     k = _check_slice_index(k, num_k)
     checked: dict[int, tuple[float, float, float, float]] = {}
@@ -589,12 +579,10 @@ def write_boxes(
             roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", f"{volume_node.GetName()} {s.name} box")
             new_nodes[value] = roi
             roi.CreateDefaultDisplayNodes()
-            object_to_node = vtk.vtkMatrix4x4()
-            for r in range(3):
-                for c in range(3):
-                    object_to_node.SetElement(r, c, float(geometry.axes_ras[r, c]))
-                object_to_node.SetElement(r, 3, geometry.center_ras[r])
-            roi.SetAndObserveObjectToNodeMatrix(object_to_node)
+            object_to_node = np.eye(4)
+            object_to_node[:3, :3] = geometry.axes_ras
+            object_to_node[:3, 3] = geometry.center_ras
+            roi.SetAndObserveObjectToNodeMatrix(vtk_matrix_from_array(object_to_node))
             roi.SetSize(*geometry.size_mm)
             roi.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
             display = roi.GetDisplayNode()

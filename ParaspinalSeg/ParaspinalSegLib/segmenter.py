@@ -25,7 +25,9 @@ import numpy as np
 from scipy import ndimage
 
 from .anatomy import BY_VALUE, LEFT_RIGHT_SWAP, NUM_CLASSES
+from .boxes import pixel_box_iou
 from .errors import InputError, ParaspinalSegError, import_torch
+from .geometry import pixel_box_to_ras
 from .postprocessing import keep_largest_component
 from .preprocessing import (
     ModelInput,
@@ -36,11 +38,8 @@ from .preprocessing import (
     slice_geometry_from_volume,
     to_canonical,
 )
+from .validation import check_slice_index, validate_slice
 from .weights import WeightsConfig, load_weights
-
-#: Smallest slice side accepted (anything smaller is not an MRI slice).
-MIN_SLICE_SIDE = 8
-
 
 @dataclass(frozen=True, eq=False)
 class StructureBox:
@@ -87,52 +86,6 @@ class SliceResult:
     def mask_boxes(self) -> dict[int, StructureBox]:
         """Alias of :attr:`boxes` (the boxes of the final label mask)."""
         return self.boxes
-
-
-def _pixel_box_to_ras(p0: float, q0: float, p1: float, q1: float, m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Edge bounds on the input grid → (centre RAS, size mm along axes 0/1, unit axes as columns)."""
-    s0, s1 = float(np.linalg.norm(m[:3, 0])), float(np.linalg.norm(m[:3, 1]))
-    d0, d1 = m[:3, 0] / s0, m[:3, 1] / s1
-    n = np.cross(d0, d1)
-    n /= np.linalg.norm(n)
-    # Edge coordinate e ↔ centre-index e - 0.5 (pixel p covers [p, p+1), its centre is index p).
-    centre = m @ np.array([(p0 + p1) / 2 - 0.5, (q0 + q1) / 2 - 0.5, 0.0, 1.0])
-    return centre[:3], np.array([(p1 - p0) * s0, (q1 - q0) * s1]), np.stack([d0, d1, n], axis=1)
-
-
-def _box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    """IoU of two (p0, q0, p1, q1) boxes."""
-    ip = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iq = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ip * iq
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
-
-
-def validate_slice(a: Any) -> np.ndarray:
-    """Return ``a`` as a real 2-D array, raising :class:`InputError` for what cannot be segmented.
-
-    Refused: not 2-D, too small, not numeric, NaN/infinite values, and an empty slice (all pixels
-    equal, e.g. all zero — nothing to segment, typically a padding slice).
-    """
-    arr = np.asarray(a)
-    if arr.ndim != 2:
-        raise InputError(f"expected a 2-D slice, got an array of shape {arr.shape}")
-    if min(arr.shape) < MIN_SLICE_SIDE:
-        raise InputError(f"slice of shape {arr.shape} is too small to segment (at least {MIN_SLICE_SIDE} pixels a side)")
-    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise InputError(f"slice must hold real numbers (integer or float), got dtype {arr.dtype}")
-    if np.issubdtype(arr.dtype, np.floating):
-        bad = ~np.isfinite(arr)
-        if bad.any():
-            raise InputError(
-                f"slice contains {int(bad.sum())} NaN or infinite pixel value(s) of {arr.size}; "
-                "fix or mask them before segmenting"
-            )
-    lo, hi = arr.min(), arr.max()
-    if lo == hi:
-        raise InputError(f"slice is empty: every pixel has the value {lo.item()!r} (nothing to segment)")
-    return arr
 
 
 class SliceSegmenter:
@@ -193,15 +146,18 @@ class SliceSegmenter:
         return self.config.model_version
 
     # ------------------------------------------------------------------------------------------------
-    def segment(self, slice_array: Any, slice_ijk_to_ras: Any) -> SliceResult:
+    def segment(self, slice_array: Any, slice_ijk_to_ras: Any, *, validated: bool = False) -> SliceResult:
         """Segment one slice ``a[p, q]`` whose geometry is the 4×4 ``slice_ijk_to_ras`` matrix.
 
         Raises :class:`InputError` (a ``ValueError``) for unusable input and
         :class:`NonAxialSliceError` (an ``InputError``) for a slice that is not axial.
+        ``validated=True``: the caller has already passed the array through
+        :func:`validation.validate_slice` (the scene workflow does, before it loads anything), so it is
+        not checked a second time.
         """
         torch = import_torch()
         t0 = time.perf_counter()
-        arr = validate_slice(slice_array)
+        arr = np.asarray(slice_array) if validated else validate_slice(slice_array)
         prepared = prepare_slice(arr, slice_ijk_to_ras, self.model_input, self.normalisation)
         grid = prepared.grid
         t1 = time.perf_counter()
@@ -246,9 +202,7 @@ class SliceSegmenter:
         vol = np.asarray(volume_array_kji)
         if vol.ndim != 3:
             raise InputError(f"expected a 3-D volume array (k, j, i), got shape {vol.shape}")
-        k = int(k)
-        if not 0 <= k < vol.shape[0]:
-            raise InputError(f"slice index k={k} is outside the volume (0 … {vol.shape[0] - 1})")
+        k = check_slice_index(k, vol.shape[0])
         return self.segment(vol[k], slice_geometry_from_volume(volume_ijk_to_ras, k))
 
     # ------------------------------------------------------------------------------------------------
@@ -267,7 +221,7 @@ class SliceSegmenter:
         for v in found:
             sp, sq = objects[v - 1]
             pix = (int(sp.start), int(sq.start), int(sp.stop), int(sq.stop))
-            boxes[v] = StructureBox(pix, *_pixel_box_to_ras(*pix, m))
+            boxes[v] = StructureBox(pix, *pixel_box_to_ras(pix, m))
             if det is not None:
                 p0, q0, p1, q1 = grid.box_to_input(*(float(t) for t in det[v - 1]))
                 # RAS from the unclipped box (what the detector said); pixels clipped to the image.
@@ -279,7 +233,7 @@ class SliceSegmenter:
                     int(np.clip(round(q1), 0, n1)),
                 )
                 detector_boxes[v] = StructureBox(dpix, rb.center_ras, rb.size_mm, rb.axes_ras)
-                agreement[v] = _box_iou((p0, q0, p1, q1), pix)
+                agreement[v] = pixel_box_iou((p0, q0, p1, q1), pix)
         return SliceResult(
             labels=labels,
             boxes=boxes,

@@ -29,6 +29,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 from . import __version__ as LIBRARY_VERSION
 from .anatomy import BY_VALUE, LABEL_TABLE_VERSION
 from .errors import ParaspinalSegError, WeightsError, import_torch
+from .serialisation import json_ready
 
 #: Value of the JSON ``"format"`` field that marks a ParaspinalSeg weights config.
 FORMAT_NAME = "paraspinalseg-weights"
@@ -379,15 +380,20 @@ def _network_config_from_dict(arch: Mapping[str, Any], where: Optional[Path] = N
         raise WeightsError(f"invalid architecture in {where or 'the weights config'}: {exc}") from exc
 
 
-def resolve_device(device: Any = "cpu"):
-    """``"cpu"``, ``"cuda"`` (error if unavailable), ``"auto"`` (CUDA if available) or a torch.device."""
+def resolve_device(device: Any = "cpu", cuda_index: Optional[int] = None):
+    """``"cpu"``, ``"cuda"``/``"cuda:N"`` (error if unavailable), ``"auto"`` (CUDA if available) or a torch.device.
+
+    ``cuda_index``: the GPU ``"auto"`` picks (the trainer passes torchrun's local rank); None = the current one.
+    """
     torch = import_torch()
     if isinstance(device, torch.device):
         name = device.type
     else:
         name = str(device).strip().lower()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda" if cuda_index is None else f"cuda:{int(cuda_index)}")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ParaspinalSegError(
@@ -410,19 +416,6 @@ def _as_plain_dict(obj: Any, what: str) -> dict[str, Any]:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.asdict(obj)
     raise TypeError(f"{what} must be a dict or a dataclass, got {type(obj).__name__}")
-
-
-def _json_safe(obj: Any) -> Any:
-    """Tuples → lists, numpy/torch scalars → Python numbers, so json.dumps accepts the config."""
-    if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 0) == 0:
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def save_weights(
@@ -460,7 +453,7 @@ def save_weights(
     arch = architecture if architecture is not None else getattr(model, "config", None)
     if arch is None:
         raise ValueError("save_weights: the model has no .config; pass architecture=NetworkConfig(...)")
-    arch_dict = _json_safe(_as_plain_dict(arch, "architecture"))
+    arch_dict = json_ready(_as_plain_dict(arch, "architecture"))
     learned = sorted({int(v) for v in structures_learned})
     if not learned or any(v not in BY_VALUE for v in learned):
         raise ValueError(f"structures_learned must be label values among {sorted(BY_VALUE)}, got {list(structures_learned)}")
@@ -470,15 +463,15 @@ def save_weights(
     data = st_save(tensors, metadata={"format": FORMAT_NAME, "label_table_version": LABEL_TABLE_VERSION})
     config = WeightsConfig(
         architecture=arch_dict,
-        model_input=_json_safe(_as_plain_dict(model_input, "model_input")),
-        normalisation=_json_safe(_as_plain_dict(normalisation, "normalisation")),
+        model_input=json_ready(_as_plain_dict(model_input, "model_input")),
+        normalisation=json_ready(_as_plain_dict(normalisation, "normalisation")),
         label_table_version=LABEL_TABLE_VERSION,
         structures_learned=learned,
         weights_file=weights_path.name,
         weights_sha256=sha256_bytes(data),
         name=name or json_path.stem,
-        training=_json_safe(dict(training or {})),
-        metrics=_json_safe(dict(metrics or {})),
+        training=json_ready(dict(training or {})),
+        metrics=json_ready(dict(metrics or {})),
         created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         library_version=LIBRARY_VERSION,
         json_path=json_path.resolve(),

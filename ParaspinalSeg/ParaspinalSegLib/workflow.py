@@ -6,7 +6,7 @@ One code path for the Slicer module and the command line (``batch`` runs it on a
     → segmentation + table rows + boxes written into the scene (all or nothing)
 
 MRML + numpy only. Torch is reached only through the segmenter object the caller passes in (anything
-with ``segment(slice_array, slice_ijk_to_ras) -> SliceResult``, normally a loaded
+with ``segment(slice_array, slice_ijk_to_ras, *, validated) -> SliceResult``, normally a loaded
 :class:`~ParaspinalSegLib.segmenter.SliceSegmenter`), so this module imports in a Slicer without torch.
 
 Conventions as in :mod:`scene`: slice ``k`` is ``arr[k]`` of the volume array ``arr[k, j, i]``. Every
@@ -27,8 +27,10 @@ import numpy as np
 
 from . import anatomy, scene
 from .errors import InputError
+from .geometry import array_from_vtk_matrix, vtk_matrix_from_array
 from .preprocessing import pixel_spacing, slice_geometry_from_volume
 from .slice_view import ALIGNMENT_TOLERANCE_DEG, ViewSlice, aligned_slice_to_ras, red_view_slice_index
+from .validation import check_slice_index, validate_slice
 
 
 @dataclass(eq=False)
@@ -59,10 +61,7 @@ def check_volume(volume_node: Any) -> tuple[int, int, int]:
 
     Refused: no volume, not a scalar volume, a labelmap, no image data, RGB/vector volumes, empty images.
     """
-    try:
-        shape = scene.validate_volume(volume_node)
-    except scene.SceneWriteError as exc:
-        raise InputError(str(exc)) from None
+    shape = scene.validate_volume(volume_node)
     if volume_node.IsA("vtkMRMLLabelMapVolumeNode"):
         raise InputError(f"'{volume_node.GetName()}' is a labelmap, not an MRI: choose the grey-value image")
     return shape
@@ -75,10 +74,6 @@ def volume_array(volume_node: Any) -> np.ndarray:
     shape = check_volume(volume_node)
     scalars = volume_node.GetImageData().GetPointData().GetScalars()
     return numpy_support.vtk_to_numpy(scalars).reshape(shape)
-
-
-def _to_numpy(vtk_matrix: Any) -> np.ndarray:
-    return np.array([[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=float)
 
 
 def volume_ijk_to_world(volume_node: Any) -> np.ndarray:
@@ -101,17 +96,7 @@ def volume_ijk_to_world(volume_node: Any) -> np.ndarray:
         )
     local_to_world = vtk.vtkMatrix4x4()
     parent.GetMatrixTransformToWorld(local_to_world)
-    return _to_numpy(local_to_world) @ ijk_to_ras
-
-
-def _slice_index(volume_node: Any, k: Any, num_slices: int) -> int:
-    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
-        raise InputError(f"slice index must be a whole number, got {k!r}")
-    if not 0 <= int(k) < num_slices:
-        raise InputError(
-            f"slice {int(k)} is outside volume '{volume_node.GetName()}' (slices 0..{num_slices - 1})"
-        )
-    return int(k)
+    return array_from_vtk_matrix(local_to_world) @ ijk_to_ras
 
 
 def check_slice(volume_node: Any, k: Any) -> np.ndarray:
@@ -120,16 +105,9 @@ def check_slice(volume_node: Any, k: Any) -> np.ndarray:
     Checks the volume, the slice index and the slice content (not all one value, no NaN/infinity,
     large enough), so a caller can refuse bad input before loading a model.
     """
-    from .segmenter import validate_slice  # imports no torch
-
     num_k = check_volume(volume_node)[0]
-    k = _slice_index(volume_node, k, num_k)
-    image = np.array(volume_array(volume_node)[k])
-    try:
-        validate_slice(image)
-    except InputError as exc:
-        raise InputError(f"slice {k} of '{volume_node.GetName()}': {exc}") from None
-    return image
+    k = check_slice_index(k, num_k, volume_node.GetName())
+    return validate_slice(np.array(volume_array(volume_node)[k]), f"slice {k} of '{volume_node.GetName()}'")
 
 
 def _measure(image: np.ndarray, labels: np.ndarray, slice_ijk_to_ras: np.ndarray, method: Any) -> list:
@@ -216,12 +194,11 @@ def _write_slice(
         # clear_others: the boxes shown are always those of the slice segmented last. The box writer
         # undoes its own nodes if it fails, and removes the old boxes only once the new ones exist.
         boxes = scene.write_boxes(mrml_scene, volume_node, k, result.boxes, clear_others=True)
-    except Exception as exc:
+    except Exception:
+        # A SceneWriteError (bad input found by a writer) is an InputError: it reaches the user as it is.
         for node in created:
             scene.remove_node(mrml_scene, node)
         snapshot.restore()
-        if isinstance(exc, scene.SceneWriteError):  # bad input found by a writer: a user-facing message
-            raise InputError(str(exc)) from None
         raise
     return seg, table, boxes
 
@@ -241,6 +218,7 @@ def segment_slice_into_scene(
     method: Any = "auto",
     show_boxes: bool = True,
     volume_ijk_to_ras: Optional[np.ndarray] = None,
+    validated: bool = False,
 ) -> SliceOutcome:
     """Segment slice ``k`` of ``volume_node`` and write segments, table rows and boxes into the scene.
 
@@ -249,15 +227,21 @@ def segment_slice_into_scene(
     (manual fat threshold). ``volume_ijk_to_ras`` is the geometry to segment and measure in (the
     Slicer module gives IJK-to-world when the volume is under a linear transform); default: the
     node's own IJK-to-RAS. Input, network and measurements all run before the scene is touched.
+    The slice's content is checked once per call: here, or by the caller that says ``validated=True``
+    because it ran :func:`check_slice` on the same slice before loading a model.
     """
     t0 = time.perf_counter()
-    image = check_slice(volume_node, k)
+    if validated:
+        k = check_slice_index(k, check_volume(volume_node)[0], volume_node.GetName())
+        image = np.array(volume_array(volume_node)[k])
+    else:
+        image = check_slice(volume_node, k)
     k = int(k)
     level = "" if level is None else str(level).strip()
     ijk_to_ras = scene.volume_ijk_to_ras(volume_node) if volume_ijk_to_ras is None else np.asarray(volume_ijk_to_ras, float)
     slice_ijk_to_ras = slice_geometry_from_volume(ijk_to_ras, k)
     t1 = time.perf_counter()
-    result = segmenter.segment(image, slice_ijk_to_ras)
+    result = segmenter.segment(image, slice_ijk_to_ras, validated=True)
     t2 = time.perf_counter()
     records = _measure(image, result.labels, slice_ijk_to_ras, method)
     t3 = time.perf_counter()
@@ -310,14 +294,11 @@ def update_measurements(
     segment pixels is refused. Returns the table node.
     """
     num_k = check_volume(volume_node)[0]
-    k = _slice_index(volume_node, k, num_k)
+    k = check_slice_index(k, num_k, volume_node.GetName())
     seg = segmentation_node or scene.find_segmentation(mrml_scene, volume_node)
     if seg is None:
         raise InputError(f"volume '{volume_node.GetName()}' has no ParaspinalSeg segmentation yet: segment a slice first")
-    try:
-        labels = scene.read_slice_labels(seg, volume_node, k)
-    except scene.SceneWriteError as exc:
-        raise InputError(str(exc)) from None
+    labels = scene.read_slice_labels(seg, volume_node, k)
     table = scene.find_measurement_table(mrml_scene)
     previous = [
         row for row in (scene.rows_from_table(table) if table is not None else [])
@@ -338,11 +319,9 @@ def update_measurements(
             table, records, volume=volume_node, slice_index=k, level=level,
             model_version=versions.pop() if len(versions) == 1 else "",
         )
-    except Exception as exc:
+    except Exception:
         if created:
             scene.remove_node(mrml_scene, table)
-        if isinstance(exc, scene.SceneWriteError):
-            raise InputError(str(exc)) from None
         raise
     return table
 
@@ -373,23 +352,17 @@ def view_slice(volume_node: Any, slice_node: Any, tolerance_deg: float = ALIGNME
     if parent is not None and not parent.IsTransformToWorldLinear():
         return ViewSlice(k=0, aligned=False, inside=False, angle_deg=math.nan, offset=0.0)
     return red_view_slice_index(
-        volume_ijk_to_world(volume_node), _to_numpy(slice_node.GetSliceToRAS()),
+        volume_ijk_to_world(volume_node), array_from_vtk_matrix(slice_node.GetSliceToRAS()),
         volume_node.GetImageData().GetDimensions(), tolerance_deg,
     )
 
 
 def align_view(volume_node: Any, slice_node: Any) -> ViewSlice:
     """Rotate ``slice_node``'s view onto the volume's slices and move it to the nearest one."""
-    import vtk
-
     aligned = aligned_slice_to_ras(
-        volume_ijk_to_world(volume_node), _to_numpy(slice_node.GetSliceToRAS()),
+        volume_ijk_to_world(volume_node), array_from_vtk_matrix(slice_node.GetSliceToRAS()),
         volume_node.GetImageData().GetDimensions(),
     )
-    matrix = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            matrix.SetElement(r, c, float(aligned[r, c]))
-    slice_node.GetSliceToRAS().DeepCopy(matrix)
+    slice_node.GetSliceToRAS().DeepCopy(vtk_matrix_from_array(aligned))
     slice_node.UpdateMatrices()
     return view_slice(volume_node, slice_node)

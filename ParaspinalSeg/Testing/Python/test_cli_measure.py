@@ -128,7 +128,7 @@ def test_measure_single_slice_and_errors(tmp_path, capsys):
     assert args.func(args) == 0
     assert {r["slice"] for r in _read_csv(tmp_path / "o.csv")} == {"1"}
     args = p.parse_args(["measure", str(tmp_path / "v.nii.gz"), str(tmp_path / "l.nii.gz"), "--slice", "7", "--out", str(tmp_path / "e.csv")])
-    assert args.func(args) == 2 and "outside the volume" in capsys.readouterr().err
+    assert args.func(args) == 2 and "out of range" in capsys.readouterr().err
     args = p.parse_args(["measure", str(tmp_path / "v.nii.gz"), str(tmp_path / "l.nii.gz"), "--method", "kmeans", "--out", str(tmp_path / "e.csv")])
     assert args.func(args) == 2
     args = p.parse_args(["measure", str(tmp_path / "nope.nii.gz"), str(tmp_path / "l.nii.gz"), "--out", str(tmp_path / "e.csv")])

@@ -14,6 +14,7 @@ pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
 import slicer  # noqa: E402
 import vtk  # noqa: E402
 
+from ParaspinalSegLib.geometry import array_from_vtk_matrix  # noqa: E402
 from ParaspinalSegLib import anatomy, headless  # noqa: E402
 from ParaspinalSegLib import scene as writers  # noqa: E402
 
@@ -195,7 +196,7 @@ def test_boxes_land_on_patient_side_and_slice(mrml_scene, make_volume, direction
     spacing = np.linalg.norm(m[:3, :3], axis=0)
     np.testing.assert_allclose(roi.GetSize(), [4 * spacing[0], 5 * spacing[1], spacing[2]], atol=1e-6)
     # Box axes follow the volume's I and J axes (oblique volumes too) and form a rotation.
-    o2n = writers._matrix_to_numpy(roi.GetObjectToNodeMatrix())[:3, :3]
+    o2n = array_from_vtk_matrix(roi.GetObjectToNodeMatrix())[:3, :3]
     np.testing.assert_allclose(np.abs(o2n[:, :2].T @ (m[:3, :2] / spacing[:2])), np.eye(2), atol=1e-6)
     assert np.linalg.det(o2n) == pytest.approx(1.0)
     assert roi.GetLocked()
@@ -314,7 +315,7 @@ def test_mrb_round_trip_restores_everything(mrml_scene, make_volume, tmp_path):
     param.SetNodeReferenceID("InputVolume", vol.GetID())
     param.SetNodeReferenceID("OutputSegmentation", seg.GetID())
     boxes_before = {k: (np.array(n.GetCenterWorld()), np.array(n.GetSize()),
-                        writers._matrix_to_numpy(n.GetObjectToNodeMatrix()))
+                        array_from_vtk_matrix(n.GetObjectToNodeMatrix()))
                     for k, n in writers.find_boxes(mrml_scene, vol).items()}
     arrays_before = all_segment_arrays(seg, vol)
     rows_before = writers.rows_from_table(table)
@@ -337,7 +338,7 @@ def test_mrb_round_trip_restores_everything(mrml_scene, make_volume, tmp_path):
         node = boxes_after[key]
         np.testing.assert_allclose(node.GetCenterWorld(), centre, atol=1e-5)
         np.testing.assert_allclose(node.GetSize(), size, atol=1e-5)
-        np.testing.assert_allclose(writers._matrix_to_numpy(node.GetObjectToNodeMatrix()), o2n, atol=1e-6)
+        np.testing.assert_allclose(array_from_vtk_matrix(node.GetObjectToNodeMatrix()), o2n, atol=1e-6)
         assert node.GetLocked()
     table2 = writers.find_measurement_table(scene2)
     rows_after = writers.rows_from_table(table2)

@@ -1,0 +1,148 @@
+"""Reading a Slicer segmentation file (``.seg.nrrd``) or a label image as ParaspinalSeg label values.
+
+The one reader of segmentation files, used by ``paraspinalseg measure`` and by the trainer's
+``load_slicer_pair``, with one rule for which structure a segment is (:func:`structure_of_segment`):
+its ID or its name, case-insensitively, against the anatomy table's keys (``multifidus_left``, the
+segment IDs the scene writer uses) and names (``left multifidus``).
+
+Slicer writes a segment's metadata as NRRD header keys ``Segment<N>_ID``, ``_Name``, ``_Layer`` and
+``_LabelValue``; a file may hold several layers (a multi-component image). SimpleITK and numpy only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from . import anatomy
+from .errors import InputError
+
+__all__ = ["SegmentEntry", "SegmentationLabels", "segment_entries", "structure_of_segment", "read_segmentation"]
+
+
+@dataclass(frozen=True)
+class SegmentEntry:
+    """One segment as the file's header describes it."""
+
+    index: int
+    id: str
+    name: str
+    layer: int
+    label_value: int
+
+
+@dataclass
+class SegmentationLabels:
+    """A segmentation file as label values of the anatomy table on the reference grid."""
+
+    #: Label values ``(k, j, i)`` (or ``(j, i)`` for a 2-D file), int32; 0 where no known segment is.
+    labels: np.ndarray
+    #: The file's segments that are one of the nine structures, by label value (empty for a label image).
+    matched: dict[int, SegmentEntry] = field(default_factory=dict)
+    #: The file's segments that are not (their pixels are ``unknown_value`` in ``labels``).
+    unmatched: list[SegmentEntry] = field(default_factory=list)
+    #: True when the file carried Slicer segment metadata (a ``.seg.nrrd``), False for a plain label image.
+    has_segments: bool = False
+
+
+def segment_entries(metadata: Mapping[str, str]) -> list[SegmentEntry]:
+    """The segments of a ``.seg.nrrd`` header (``{key: value}``), in the file's order."""
+    fields: dict[int, dict[str, str]] = {}
+    for key, value in metadata.items():
+        head, _, name = key.partition("_")
+        number = head[len("Segment"):]
+        if head.startswith("Segment") and name and number.isdigit():
+            fields.setdefault(int(number), {})[name] = value
+    return [
+        SegmentEntry(
+            index=i,
+            id=f.get("ID", "").strip(),
+            name=f.get("Name", "").strip(),
+            layer=int(f.get("Layer", "0") or 0),
+            label_value=int(f.get("LabelValue", "1") or 1),
+        )
+        for i, f in sorted(fields.items())
+        if "ID" in f or "Name" in f
+    ]
+
+
+_BY_WORD: dict[str, anatomy.Structure] = {
+    **{s.name.lower(): s for s in anatomy.STRUCTURES},
+    **{s.key.lower(): s for s in anatomy.STRUCTURES},
+}
+
+
+def structure_of_segment(segment: SegmentEntry) -> Optional[anatomy.Structure]:
+    """The anatomy entry a segment stands for: its ID, else its name, as a structure key or name; else None."""
+    for word in (segment.id, segment.name):
+        structure = _BY_WORD.get(word.strip().lower())
+        if structure is not None:
+            return structure
+    return None
+
+
+def _same_grid(a: Any, b: Any, tol: float = 1e-4) -> bool:
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol)
+    )
+
+
+def _onto(image: Any, reference: Any) -> Any:
+    """``image`` on the reference grid (nearest neighbour; outside the segmentation = 0)."""
+    import SimpleITK as sitk
+
+    if reference is None or _same_grid(image, reference):
+        return image
+    if image.GetDimension() != reference.GetDimension():
+        raise InputError(f"segmentation is {image.GetDimension()}-D but the volume is {reference.GetDimension()}-D")
+    return sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, image.GetPixelID())
+
+
+def read_segmentation(path: str | Path, reference: Any = None, unknown_value: int = 0) -> SegmentationLabels:
+    """Read a ``.seg.nrrd`` (any number of layers) or a label image onto ``reference``'s grid.
+
+    ``reference``: a SimpleITK image whose grid the labels should have (``volume_io.itk_image_like``), or
+    None for the file's own grid (resampled with nearest neighbour when the grids differ, e.g. a
+    ``.seg.nrrd`` cropped to its extent). Segments that are not one of the nine structures get
+    ``unknown_value`` (0: dropped; the trainer uses 255, "not annotated"). A file without segment
+    metadata is a label image whose values already follow the label table.
+    """
+    import SimpleITK as sitk
+
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(f"cannot read segmentation {path}: {exc}") from None
+    metadata = {key: image.GetMetaData(key) for key in image.GetMetaDataKeys()}
+    entries = segment_entries(metadata)
+    components = image.GetNumberOfComponentsPerPixel()
+    if not entries:
+        if components != 1:
+            raise InputError(f"{path}: a multi-component image without Slicer segment metadata")
+        return SegmentationLabels(sitk.GetArrayFromImage(_onto(image, reference)).astype(np.int32))
+
+    layers = [image] if components == 1 else [sitk.VectorIndexSelectionCast(image, c) for c in range(components)]
+    arrays = [sitk.GetArrayFromImage(_onto(layer, reference)) for layer in layers]
+    out = np.zeros(arrays[0].shape, dtype=np.int32)
+    result = SegmentationLabels(out, has_segments=True)
+    if unknown_value:
+        # Any non-zero pixel of a segment not recognised: it may be one of ours under another name.
+        for a in arrays:
+            out[a != 0] = unknown_value
+    for entry in entries:
+        if entry.layer >= len(arrays):
+            raise InputError(f"{path}: segment {entry.id!r} is on layer {entry.layer} but the file has {len(arrays)}")
+        structure = structure_of_segment(entry)
+        if structure is None:
+            result.unmatched.append(entry)
+            continue
+        result.matched[structure.value] = entry
+        out[arrays[entry.layer] == entry.label_value] = structure.value
+    return result
