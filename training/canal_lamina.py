@@ -1,0 +1,225 @@
+"""Derive spinal-canal (dural sac) and lamina (posterior arch) masks inside the not-annotated band of a slice.
+
+Rules on the anatomical frame of ``training.spine_frame`` (all lengths in mm) and on T2 intensity:
+
+* **canal** — the dural sac: CSF-bright with dark roots, just posterior to the disc on the midline.
+  Bright = above ``bright_fraction`` of the way from the band's dark level to the CSF level sampled
+  behind the disc. Region growing from the bright pixel nearest the disc's posterior midline point;
+  an opening of radius ``opening_mm`` cuts the thin bright strips that join it (anterior and foraminal
+  epidural fat) and keeps the sac; columns of the frame whose depth is under ``column_depth_fraction``
+  of the deepest are trimmed (the same strips where they are thick); the sac is the convex hull of what
+  remains plus the dark roots inside it (the dura is a smooth convex-ish tube at disc level), cut
+  posterior to the last roots when bright posterior epidural fat hangs on behind them.
+* **lamina** — the posterior arch (laminae, spinous process, articular processes) as one segment: the
+  band pixels that are not bright (bone cortex is dark, marrow intermediate; fat, CSF and joint fluid
+  bright), posterior to the canal's centre, medial to the multifidi on the rows they occupy and within
+  their lateral reach in front of them; small bright holes (facet-joint fluid, marrow fat) are filled
+  and crumbs removed.
+
+Everything is a plain function of arrays on the shared-data grid ``a[i, j]`` (i → patient left, j →
+posterior). The review in ``docs/derived-labels.md`` says where these rules hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Mapping, Optional
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ParaspinalSegLib.anatomy import BY_KEY, NOT_ANNOTATED
+from training.spine_frame import SpineFrame, spine_frame
+
+CANAL = BY_KEY["spinal_canal"].value
+LAMINA = BY_KEY["lamina"].value
+
+
+@dataclass(frozen=True)
+class DerivationParams:
+    """Tunable rules; a per-slice override (``docs/derived-labels.csv``) replaces any of them."""
+
+    #: Bright threshold between the band's dark level (30th percentile) and the CSF level (95th percentile behind the disc).
+    bright_fraction: float = 0.5
+    #: Radius of the opening that detaches thin bright strips from the sac.
+    opening_mm: float = 3.5
+    #: Frame columns (1 mm wide) shallower than this fraction of the deepest are not sac.
+    column_depth_fraction: float = 0.25
+    #: Canal search region: |u| below this, v from -2 mm to min(multifidus front + 5 mm, this).
+    canal_halfwidth_mm: float = 14.0
+    canal_depth_mm: float = 30.0
+    #: Canal seed as a pixel (i, j); None = the bright pixel nearest the disc's posterior midline point.
+    seed_i: Optional[int] = None
+    seed_j: Optional[int] = None
+    #: Lamina components smaller than this (mm²) are dropped; bright holes smaller than ``lamina_hole_mm2`` filled.
+    lamina_min_mm2: float = 4.0
+    lamina_hole_mm2: float = 6.0
+
+    def with_overrides(self, overrides: Mapping[str, str]) -> "DerivationParams":
+        """Copy with ``{name: text}`` overrides; unknown names raise ValueError."""
+        kinds = {f.name: f.type for f in fields(self)}
+        values = {}
+        for name, text in overrides.items():
+            if name not in kinds:
+                raise ValueError(f"unknown derivation parameter {name!r}; known: {sorted(kinds)}")
+            values[name] = int(text) if name.startswith("seed_") else float(text)
+        return replace(self, **values)
+
+
+@dataclass
+class Derivation:
+    """Result for one slice: the masks and the figures the review and plausibility checks use."""
+
+    canal: np.ndarray
+    lamina: np.ndarray
+    frame: SpineFrame
+    threshold: float
+    seed: tuple[int, int]
+
+    def canal_area_mm2(self) -> float:
+        return float(self.canal.sum() * self.frame.pixel_area_mm2)
+
+    def lamina_area_mm2(self) -> float:
+        return float(self.lamina.sum() * self.frame.pixel_area_mm2)
+
+    def figures(self) -> dict[str, float]:
+        """Canal CSA, width and depth, lamina area, its position relative to the canal and its left/right balance."""
+        f, px = self.frame, self.frame.pixel_area_mm2
+        out = {"canal_mm2": self.canal_area_mm2(), "lamina_mm2": self.lamina_area_mm2()}
+        if self.canal.any():
+            u, v = f.u[self.canal], f.v[self.canal]
+            out.update(canal_width_mm=float(u.max() - u.min()), canal_depth_mm=float(v.max() - v.min()),
+                       canal_u_mm=float(u.mean()), canal_v_mm=float(v.mean()))
+        if self.lamina.any():
+            u, v = f.u[self.lamina], f.v[self.lamina]
+            left, right = float((u > 0).sum() * px), float((u < 0).sum() * px)
+            out.update(lamina_v_mm=float(v.mean()), lamina_left_mm2=left, lamina_right_mm2=right,
+                       lamina_symmetry=min(left, right) / max(left, right) if max(left, right) > 0 else 0.0)
+            if self.canal.any():
+                out["lamina_behind_canal_mm"] = float(v.mean() - f.v[self.canal].mean())
+        return out
+
+
+def _disk(radius_px: int) -> np.ndarray:
+    r = max(int(radius_px), 1)
+    y, x = np.ogrid[-r:r + 1, -r:r + 1]
+    return x * x + y * y <= r * r
+
+
+def _convex_hull(mask: np.ndarray) -> np.ndarray:
+    from skimage.morphology import convex_hull_image
+
+    return convex_hull_image(mask) if mask.any() else mask
+
+
+def _keep_run(ok: np.ndarray, start: int) -> tuple[int, int]:
+    lo = hi = start
+    while lo > 0 and ok[lo - 1]:
+        lo -= 1
+    while hi < len(ok) - 1 and ok[hi + 1]:
+        hi += 1
+    return lo, hi
+
+
+def derive_canal(image: np.ndarray, band: np.ndarray, frame: SpineFrame, p: DerivationParams) -> tuple[np.ndarray, float, tuple[int, int]]:
+    """Dural-sac mask, the bright threshold used and the seed pixel (see the module docstring)."""
+    u, v = frame.u, frame.v
+    mm = float(np.sqrt(frame.pixel_area_mm2))
+    s = ndi.gaussian_filter(np.asarray(image, np.float64), 0.7)
+    roi = band & (v > -2.0) & (v < min(frame.multifidus_front_mm + 5.0, p.canal_depth_mm)) & (np.abs(u) < p.canal_halfwidth_mm)
+    core = roi & (v > 0) & (v < 12.0) & (np.abs(u) < 5.0)
+    if core.sum() < 10:
+        return np.zeros_like(band), float("nan"), (-1, -1)
+    csf, dark = np.percentile(s[core], 95), np.percentile(s[roi], 30)
+    threshold = float(dark + p.bright_fraction * (csf - dark))
+    bright = roi & (s > threshold)
+    if p.seed_i is not None and p.seed_j is not None:
+        seed = (int(p.seed_i), int(p.seed_j))
+    else:
+        cand = bright & (np.abs(u) < 4.0)
+        if not cand.any():
+            return np.zeros_like(band), threshold, (-1, -1)
+        seed = np.unravel_index(int(np.argmin(np.where(cand, u ** 2 + v ** 2, np.inf))), u.shape)
+    lab, _ = ndi.label(bright)
+    if lab[seed] == 0:
+        return np.zeros_like(band), threshold, tuple(int(x) for x in seed)
+    filled = ndi.binary_fill_holes(lab == lab[seed])
+    opened = ndi.binary_opening(filled, _disk(max(int(round(p.opening_mm / mm)), 1)))
+    parts, n = ndi.label(opened)
+    if n == 0:
+        parts, n = ndi.label(filled)
+    nearest = ndi.distance_transform_edt(parts == 0, return_indices=True)[1]
+    kept = parts == parts[nearest[0][seed], nearest[1][seed]]
+    radius = max(int(round(p.opening_mm / mm)), 1)
+    sac = ndi.binary_dilation(kept, _disk(1), iterations=radius, mask=filled)
+    # Trim frame columns much shallower than the deepest (thick epidural fat strips along the disc).
+    col = np.round(u).astype(int)
+    c0 = int(col[sac].min())
+    depth = np.bincount(col[sac] - c0) * frame.pixel_area_mm2
+    lo, hi = _keep_run(depth >= p.column_depth_fraction * depth.max(), int(np.argmax(depth)))
+    sac &= (col - c0 >= lo) & (col - c0 <= hi)
+    hull = _convex_hull(sac) & band
+    # Roots: dark blobs mostly inside the hull, in its posterior half (they settle dependently).
+    near = ndi.binary_dilation(hull, _disk(round(2.0 / mm))) & band & ~bright
+    blobs, nb = ndi.label(near & ~sac)
+    v_centre = float(v[sac].mean())
+    roots = np.zeros_like(hull)
+    for k in range(1, nb + 1):
+        m = blobs == k
+        if m.sum() * frame.pixel_area_mm2 < 10.0 and (m & hull).sum() > 0.5 * m.sum() and v[m].mean() > v_centre:
+            roots |= m
+    canal = _convex_hull(sac | roots) & band
+    v_roots = v[roots & (np.abs(u) < 8.0)]
+    if v_roots.size and v[canal].max() > v_roots.max() + 3.0:
+        canal &= v <= v_roots.max() + 1.0  # bright posterior epidural fat behind the roots
+    return canal, threshold, tuple(int(x) for x in seed)
+
+
+def derive_lamina(image: np.ndarray, labels: np.ndarray, canal: np.ndarray, frame: SpineFrame, threshold: float, p: DerivationParams) -> np.ndarray:
+    """Posterior-arch mask (see the module docstring)."""
+    from training.spine_frame import MULTIFIDUS_LEFT, MULTIFIDUS_RIGHT
+
+    u, v = frame.u, frame.v
+    band = labels == NOT_ANNOTATED
+    s = ndi.gaussian_filter(np.asarray(image, np.float64), 0.7)
+    v_front = float(v[canal].mean()) if canal.any() else 5.0
+    region = band & ~canal & (v > v_front) & (v < frame.multifidus_back_mm)
+    # Medial to the multifidi on their rows (1 mm bins of v), within their reach in front of them.
+    mf_l, mf_r = labels == MULTIFIDUS_LEFT, labels == MULTIFIDUS_RIGHT
+    vb = np.floor(v).astype(int)
+    lim_l = np.full(vb.max() - vb.min() + 1, frame.multifidus_reach_mm)
+    lim_r = lim_l.copy()
+    b0 = int(vb.min())
+    np.minimum.at(lim_l, vb[mf_l] - b0, u[mf_l])
+    np.minimum.at(lim_r, vb[mf_r] - b0, -u[mf_r])
+    region &= (u < lim_l[vb - b0]) & (-u < lim_r[vb - b0])
+    arch = region & (s <= threshold)
+    holes = ndi.binary_fill_holes(arch) & ~arch
+    lab, n = ndi.label(holes)
+    if n:
+        sizes = ndi.sum(np.ones_like(lab), lab, index=np.arange(1, n + 1)) * frame.pixel_area_mm2
+        arch |= np.isin(lab, np.flatnonzero(sizes < p.lamina_hole_mm2) + 1) & region
+    arch = ndi.binary_opening(arch, _disk(1))
+    lab, n = ndi.label(arch)
+    if n:
+        sizes = ndi.sum(np.ones_like(lab), lab, index=np.arange(1, n + 1)) * frame.pixel_area_mm2
+        arch = np.isin(lab, np.flatnonzero(sizes >= p.lamina_min_mm2) + 1)
+    return arch
+
+
+def derive_slice(image: np.ndarray, labels: np.ndarray, spacing: tuple[float, float], params: DerivationParams = DerivationParams()) -> Derivation:
+    """Canal and lamina of one slice on its own grid (raises ``FrameError`` without disc and multifidi)."""
+    frame = spine_frame(labels, spacing)
+    band = labels == NOT_ANNOTATED
+    canal, threshold, seed = derive_canal(image, band, frame, params)
+    lamina = derive_lamina(image, labels, canal, frame, threshold, params) if np.isfinite(threshold) else np.zeros_like(band)
+    return Derivation(canal=canal, lamina=lamina & ~canal, frame=frame, threshold=threshold, seed=seed)
+
+
+def burn_in(labels: np.ndarray, derivation: Derivation) -> np.ndarray:
+    """Labels with canal (2) and lamina (3) written over the band; every other pixel as before."""
+    out = labels.copy()
+    band = labels == NOT_ANNOTATED
+    out[band & derivation.lamina] = LAMINA
+    out[band & derivation.canal] = CANAL
+    return out
