@@ -60,6 +60,9 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
                    help="fat threshold: auto (default), otsu, otsu-region, or a number (manual threshold)")
     p.add_argument("--out", type=Path, required=True,
                    help="CSV to write (asymmetry goes to <stem>_asymmetry.csv next to it)")
+    from . import dixon
+
+    dixon.add_arguments(p)
     p.set_defaults(func=run)
     return p
 
@@ -81,9 +84,13 @@ def read_segmentation(path: Path, volume: Any) -> tuple[np.ndarray, list[str]]:
 
 
 def measure_files(
-    volume_path: Path, segmentation_path: Path, slice_index: Optional[int] = None, method: Any = "auto", level: str = ""
+    volume_path: Path, segmentation_path: Path, slice_index: Optional[int] = None, method: Any = "auto", level: str = "",
+    dixon: Any = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
-    """Measurement rows (fields of :data:`CSV_COLUMNS`) and asymmetry rows for one volume + segmentation."""
+    """Measurement rows (fields of :data:`CSV_COLUMNS`) and asymmetry rows for one volume + segmentation.
+
+    ``dixon``: a :class:`~ParaspinalSegLib.dixon.DixonSource` for the Dixon fat-fraction column."""
+    from .scene import slice_position_mm
     from .preprocessing import pixel_spacing, slice_geometry_from_volume
     from .volume_io import itk_image_like, read_volume, volume_name
 
@@ -108,12 +115,16 @@ def measure_files(
     rows: list[dict[str, Any]] = []
     asym_rows: list[dict[str, Any]] = []
     for k in ks:
-        recs = measure_slice(image[k], labels[k], spacing, method)
+        geometry = slice_geometry_from_volume(volume.ijk_to_ras, k)
+        fraction = None if dixon is None else dixon.fraction_map(image[k].shape, geometry).fraction
+        recs = measure_slice(image[k], labels[k], spacing, method, fat_fraction=fraction)
         for r in recs:
             rows.append(
                 {
                     "volume": volume_name(volume_path),
                     "slice": k,
+                    "position_mm": slice_position_mm(geometry),
+                    "dixon_fat_fraction_percent": r.dixon_fat_fraction_percent,
                     "level": level,
                     "structure": r.name,
                     "segment_id": r.key,
@@ -154,8 +165,11 @@ def asymmetry_path(out: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     """Run ``measure`` for parsed arguments; returns the process exit status (0 ok, 2 input error)."""
     try:
+        from .dixon import source_from_args
+
         method = parse_threshold_method(args.method)
-        rows, asym_rows, notes = measure_files(args.volume, args.segmentation, args.slice, method, args.level)
+        rows, asym_rows, notes = measure_files(args.volume, args.segmentation, args.slice, method, args.level,
+                                               source_from_args(args))
     except InputError as exc:  # MeasureError and the volume reader's errors
         print(f"paraspinalseg measure: error: {exc}", file=sys.stderr)
         return 2

@@ -97,6 +97,8 @@ class StructureMeasurement:
     method: str
     #: Canal only: central stenosis grade from the dural-sac CSA (:mod:`.stenosis`); None for other rows.
     stenosis_grade: Optional[str] = None
+    #: Muscles only, when Dixon images were given: mean signal fat fraction F / (W + F) in % (:mod:`.dixon`).
+    dixon_fat_fraction_percent: Optional[float] = None
 
     def to_row(self) -> dict[str, Any]:
         """Flat dict for CSV/table writers (None stays None; writers decide how to show it)."""
@@ -411,15 +413,23 @@ def measure_slice(
     method: Method = "auto",
     *,
     structures: Optional[Iterable[Union[int, str]]] = None,
+    fat_fraction: Optional[np.ndarray] = None,
 ) -> list[StructureMeasurement]:
     """Measure every requested structure (default: all nine) on one slice.
 
     ``image`` and ``labels`` are 2-D arrays on the same grid; ``spacing_mm = (s0, s1)`` is the pixel size
     along axes 0 and 1. One row per structure in the order requested; a structure with no pixels gets an
     explicit ``found=False`` row (None for every number). Fat % and functional CSA are given for the six
-    muscles only. Label 255 (not annotated) is ignored.
+    muscles only. Label 255 (not annotated) is ignored. ``fat_fraction``: a Dixon fat-fraction map of the
+    slice in [0, 1] with NaN for pixels left out (:meth:`dixon.DixonSource.fraction_map`); each muscle's
+    mean becomes ``dixon_fat_fraction_percent``.
     """
     img, lab = _check_inputs(image, labels)
+    dixon: dict[int, Optional[float]] = {}
+    if fat_fraction is not None:
+        from .dixon import dixon_fat_fraction_percent
+
+        dixon = dixon_fat_fraction_percent(fat_fraction, lab, anatomy.MUSCLE_VALUES)
     s0, s1 = _as_spacing(spacing_mm)
     pixel_area = s0 * s1
     chosen = _resolve_structures(structures)
@@ -466,6 +476,7 @@ def measure_slice(
                 if st.is_muscle
                 else "",
                 stenosis_grade=stenosis_grade(n * pixel_area) if st.value == SPINAL_CANAL_VALUE else None,
+                dixon_fat_fraction_percent=dixon.get(st.value),
             )
         )
     return rows

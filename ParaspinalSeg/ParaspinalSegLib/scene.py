@@ -636,6 +636,8 @@ class Column:
 COLUMNS: tuple[Column, ...] = (
     Column("volume", "Volume", "string", "", "Volume", "Name of the image volume"),
     Column("slice", "Slice", "int", "", "Slice index", "Index k of the axial slice arr[k] (0-based, Slicer order)"),
+    Column("position_mm", "Position", "double", "mm", "Slice position",
+           "Superior (S) coordinate of the slice in patient RAS (its first pixel's), as Slicer's axial slice offset shows it"),
     Column("level", "Level", "string", "", "Spinal level", "Spinal level of the slice chosen by the user (e.g. L4/L5); blank if not given"),
     Column("structure", "Structure", "string", "", "Structure", "Structure name"),
     Column("segment_id", "Segment ID", "string", "", "Segment ID", "Stable segment ID of the structure"),
@@ -645,6 +647,9 @@ COLUMNS: tuple[Column, ...] = (
     Column("fat_percent", "Fat", "double", "%", "Fat fraction", "Percentage of the muscle area above the fat threshold"),
     Column("threshold", "Threshold", "double", "", "Fat threshold", "Intensity threshold separating fat from muscle"),
     Column("method", "Method", "string", "", "Threshold method", "How the fat threshold was chosen"),
+    Column("dixon_fat_fraction_percent", "Dixon fat fraction", "double", "%", "Dixon fat fraction",
+           "Muscles only, when water and fat images (or a fat-fraction map) were given: mean signal fat fraction "
+           "F/(W+F) over the muscle's pixels above the noise floor"),
     Column("stenosis_grade", "Stenosis grade", "string", "", "Central stenosis grade (dural-sac CSA)",
            "Canal row only: normal (CSA >= 100 mm2), relative (75 to 100 mm2) or absolute (< 75 mm2) stenosis "
            "(Schonstrom 1985, Hamanishi 1994); an area grade on a disc-level slice, not a Schizas grade"),
@@ -657,7 +662,7 @@ COLUMN_BY_FIELD = {c.field: c for c in COLUMNS}
 #: Columns of CSV exports (the node ID is scene-internal).
 CSV_COLUMNS: tuple[Column, ...] = tuple(c for c in COLUMNS if c.field != "volume_id")
 
-_MEASUREMENT_FIELDS = ("csa_mm2", "functional_csa_mm2", "fat_percent", "threshold", "method", "stenosis_grade", "found")
+_MEASUREMENT_FIELDS = ("csa_mm2", "functional_csa_mm2", "fat_percent", "threshold", "method", "stenosis_grade", "dixon_fat_fraction_percent", "found")
 
 
 def _new_array(kind: str):
@@ -725,7 +730,8 @@ def _optional_float(value: Any, what: str) -> float:
     return number
 
 
-def _normalise_row(row: Any, volume: str, slice_index: int, level: str, model_version: str) -> dict[str, Any]:
+def _normalise_row(row: Any, volume: str, slice_index: int, level: str, model_version: str,
+                   position_mm: Optional[float] = None) -> dict[str, Any]:
     key = _get(row, "key") or _get(row, "segment_id")
     if key is None and _get(row, "structure") is not None:
         key = next((s.key for s in anatomy.STRUCTURES if s.name == _get(row, "structure")), None)
@@ -738,6 +744,7 @@ def _normalise_row(row: Any, volume: str, slice_index: int, level: str, model_ve
     out = {
         "volume": volume,
         "slice": slice_index,
+        "position_mm": _optional_float(position_mm, "slice position"),
         "level": level,
         "structure": s.name,
         "segment_id": s.key,
@@ -747,14 +754,17 @@ def _normalise_row(row: Any, volume: str, slice_index: int, level: str, model_ve
         "fat_percent": _optional_float(_get(row, "fat_percent"), f"fat % of {s.name}"),
         "threshold": _optional_float(_get(row, "threshold"), f"threshold of {s.name}"),
         "method": str(_get(row, "method", "") or ""),
+        "dixon_fat_fraction_percent": _optional_float(_get(row, "dixon_fat_fraction_percent"),
+                                                      f"Dixon fat fraction of {s.name}"),
         "stenosis_grade": str(_get(row, "stenosis_grade", "") or ""),
         "model_version": str(_get(row, "model_version", None) or model_version or ""),
     }
     for name in ("csa_mm2", "functional_csa_mm2"):
         if out[name] < 0:
             raise SceneWriteError(f"{COLUMN_BY_FIELD[name].title} of {s.name} is negative ({out[name]})")
-    if not (math.isnan(out["fat_percent"]) or 0.0 <= out["fat_percent"] <= 100.0):
-        raise SceneWriteError(f"fat % of {s.name} is outside 0..100 ({out['fat_percent']})")
+    for name in ("fat_percent", "dixon_fat_fraction_percent"):
+        if not (math.isnan(out[name]) or 0.0 <= out[name] <= 100.0):
+            raise SceneWriteError(f"{COLUMN_BY_FIELD[name].title} of {s.name} is outside 0..100 ({out[name]})")
     return out
 
 
@@ -801,8 +811,11 @@ def write_measurement_rows(
     slice_index: int,
     level: str = "",
     model_version: str = "",
+    position_mm: Optional[float] = None,
 ) -> int:
     """Replace the rows of (``volume``, ``slice_index``) with ``rows``; return how many were written.
+
+    ``position_mm``: the slice's position (:func:`slice_position_mm`), written in every row of the slice.
 
     ``rows`` are measurement records (objects or dicts with ``key``, ``found``, ``csa_mm2``,
     ``functional_csa_mm2``, ``fat_percent``, ``threshold``, ``method``; ``None`` for a missing
@@ -819,7 +832,7 @@ def write_measurement_rows(
     level = "" if level is None else str(level).strip()
     if "\n" in level or "\r" in level:
         raise SceneWriteError("spinal level must be a single line of text")
-    new_rows = [_normalise_row(row, volume_name, int(slice_index), level, model_version) for row in rows]
+    new_rows = [_normalise_row(row, volume_name, int(slice_index), level, model_version, position_mm) for row in rows]
     for row in new_rows:
         row["volume_id"] = volume_id
     keys = [row["segment_id"] for row in new_rows]
@@ -842,6 +855,16 @@ def write_measurement_rows(
     finally:
         table_node.EndModify(was_modifying)
     return len(new_rows)
+
+
+def slice_position_mm(slice_ijk_to_ras: Any) -> float:
+    """Position of a slice for the table: the S coordinate (mm, patient RAS) of its first pixel.
+
+    ``slice_ijk_to_ras`` is the slice's 4×4 matrix (:func:`preprocessing.slice_geometry_from_volume`). On an
+    axial slice every pixel has this S coordinate, the value Slicer shows as the Red view's slice offset;
+    along a stack it grows by the slice spacing.
+    """
+    return float(np.asarray(slice_ijk_to_ras, dtype=float)[2, 3])
 
 
 def row_of_volume(row: Mapping[str, Any], volume: Any) -> bool:

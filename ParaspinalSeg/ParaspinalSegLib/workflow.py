@@ -110,11 +110,15 @@ def check_slice(volume_node: Any, k: Any) -> np.ndarray:
     return validate_slice(np.array(volume_array(volume_node)[k]), f"slice {k} of '{volume_node.GetName()}'")
 
 
-def _measure(image: np.ndarray, labels: np.ndarray, slice_ijk_to_ras: np.ndarray, method: Any) -> list:
+def _measure(image: np.ndarray, labels: np.ndarray, slice_ijk_to_ras: np.ndarray, method: Any,
+             dixon: Any = None) -> list:
+    """Measurement records of one slice; ``dixon`` (a :class:`~ParaspinalSegLib.dixon.DixonSource`) adds the
+    Dixon fat fraction of each muscle."""
     from .measurements import measure_slice
 
     try:
-        return measure_slice(image, labels, pixel_spacing(slice_ijk_to_ras), method)
+        fraction = None if dixon is None else dixon.fraction_map(image.shape, slice_ijk_to_ras).fraction
+        return measure_slice(image, labels, pixel_spacing(slice_ijk_to_ras), method, fat_fraction=fraction)
     except InputError:
         raise
     except ValueError as exc:  # e.g. an unknown threshold method
@@ -174,6 +178,7 @@ def _write_slice(
     *,
     segmentation_node: Any,
     level: str,
+    position_mm: Optional[float] = None,
 ) -> tuple[Any, Any, dict[int, Any]]:
     """Segmentation, table rows and boxes of one slice: all written, or none (undone on failure)."""
     existing = segmentation_node or scene.find_segmentation(mrml_scene, volume_node)
@@ -189,7 +194,8 @@ def _write_slice(
         if table is not existing_table:
             created.append(table)
         scene.write_measurement_rows(
-            table, records, volume=volume_node, slice_index=k, level=level, model_version=result.model_version
+            table, records, volume=volume_node, slice_index=k, level=level, model_version=result.model_version,
+            position_mm=position_mm,
         )
         # clear_others: the boxes shown are always those of the slice segmented last. The box writer
         # undoes its own nodes if it fails, and removes the old boxes only once the new ones exist.
@@ -219,6 +225,8 @@ def segment_slice_into_scene(
     show_boxes: bool = True,
     volume_ijk_to_ras: Optional[np.ndarray] = None,
     validated: bool = False,
+    dixon: Any = None,
+    result: Any = None,
 ) -> SliceOutcome:
     """Segment slice ``k`` of ``volume_node`` and write segments, table rows and boxes into the scene.
 
@@ -229,6 +237,10 @@ def segment_slice_into_scene(
     node's own IJK-to-RAS. Input, network and measurements all run before the scene is touched.
     The slice's content is checked once per call: here, or by the caller that says ``validated=True``
     because it ran :func:`check_slice` on the same slice before loading a model.
+    ``dixon``: water/fat images or a fat-fraction map (:class:`~ParaspinalSegLib.dixon.DixonSource`, e.g.
+    from :func:`~ParaspinalSegLib.dixon.dixon_source_from_nodes`) for the "Dixon fat fraction" column.
+    ``result``: the segmenter's result for this slice when it was already computed (several slices through
+    the network at once, :meth:`SliceSegmenter.segment_many`); the segmenter is not called then.
     """
     t0 = time.perf_counter()
     if validated:
@@ -241,12 +253,14 @@ def segment_slice_into_scene(
     ijk_to_ras = scene.volume_ijk_to_ras(volume_node) if volume_ijk_to_ras is None else np.asarray(volume_ijk_to_ras, float)
     slice_ijk_to_ras = slice_geometry_from_volume(ijk_to_ras, k)
     t1 = time.perf_counter()
-    result = segmenter.segment(image, slice_ijk_to_ras, validated=True)
+    if result is None:
+        result = segmenter.segment(image, slice_ijk_to_ras, validated=True)
     t2 = time.perf_counter()
-    records = _measure(image, result.labels, slice_ijk_to_ras, method)
+    records = _measure(image, result.labels, slice_ijk_to_ras, method, dixon)
     t3 = time.perf_counter()
     seg, table, boxes = _write_slice(
-        mrml_scene, volume_node, k, result, records, segmentation_node=segmentation_node, level=level
+        mrml_scene, volume_node, k, result, records, segmentation_node=segmentation_node, level=level,
+        position_mm=scene.slice_position_mm(slice_ijk_to_ras),
     )
     scene.set_boxes_visible(mrml_scene, volume_node, show_boxes)
     t4 = time.perf_counter()
@@ -286,6 +300,7 @@ def update_measurements(
     level: Optional[str] = None,
     method: Any = "auto",
     volume_ijk_to_ras: Optional[np.ndarray] = None,
+    dixon: Any = None,
 ) -> Any:
     """Recompute slice ``k``'s table rows from the segments as they are now (after manual edits).
 
@@ -307,7 +322,8 @@ def update_measurements(
     if not previous and not labels.any():
         raise InputError(f"slice {k} of '{volume_node.GetName()}' has no segments: segment it first")
     ijk_to_ras = scene.volume_ijk_to_ras(volume_node) if volume_ijk_to_ras is None else np.asarray(volume_ijk_to_ras, float)
-    records = _measure(np.array(volume_array(volume_node)[k]), labels, slice_geometry_from_volume(ijk_to_ras, k), method)
+    slice_ijk_to_ras = slice_geometry_from_volume(ijk_to_ras, k)
+    records = _measure(np.array(volume_array(volume_node)[k]), labels, slice_ijk_to_ras, method, dixon)
     versions = {row["model_version"] for row in previous}
     levels = {row["level"] for row in previous}
     if level is None:
@@ -318,6 +334,7 @@ def update_measurements(
         scene.write_measurement_rows(
             table, records, volume=volume_node, slice_index=k, level=level,
             model_version=versions.pop() if len(versions) == 1 else "",
+            position_mm=scene.slice_position_mm(slice_ijk_to_ras),
         )
     except Exception:
         if created:

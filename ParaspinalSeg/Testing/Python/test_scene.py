@@ -287,11 +287,13 @@ def test_table_columns_have_units_and_rows_are_replaced(mrml_scene, make_volume,
     writers.table_to_csv(table, path)
     with open(path, newline="") as f:
         records = list(csv.reader(f))
-    assert records[0][:8] == ["Volume", "Slice", "Level", "Structure", "Segment ID", "Found", "CSA (mm2)",
-                              "Functional CSA (mm2)"]
-    assert "Fat (%)" in records[0] and len(records) == 12
-    lamina = next(r for r in records if r[4] == "lamina" and r[1] == "3")
-    assert lamina[records[0].index("Fat (%)")] == "" and lamina[5] == "no"
+    assert records[0][:9] == ["Volume", "Slice", "Position (mm)", "Level", "Structure", "Segment ID", "Found",
+                              "CSA (mm2)", "Functional CSA (mm2)"]
+    assert "Fat (%)" in records[0] and "Dixon fat fraction (%)" in records[0] and len(records) == 12
+    lamina = next(r for r in records if r[5] == "lamina" and r[1] == "3")
+    assert lamina[records[0].index("Fat (%)")] == "" and lamina[6] == "no"
+    # no position given and no Dixon images: empty cells, not zeros
+    assert lamina[2] == "" and lamina[records[0].index("Dixon fat fraction (%)")] == ""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -402,7 +404,11 @@ def test_bad_input_raises_and_leaves_scene_unchanged(mrml_scene, make_volume):
     after = all_segment_arrays(seg, vol)
     for key in arrays:
         np.testing.assert_array_equal(after[key], arrays[key])
-    assert writers.rows_from_table(table) == rows
+    # NaN (no position, no Dixon value) compares unequal to itself: compare with NaN as None
+    def plain(rs):
+        return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rs]
+
+    assert plain(writers.rows_from_table(table)) == plain(rows)
     assert writers.find_boxes(mrml_scene, vol)["psoas_major_left"] is box
 
 
@@ -494,5 +500,5 @@ def test_canal_row_carries_its_stenosis_grade_into_table_and_csv(mrml_scene, mak
     with open(path, newline="") as f:
         records = list(csv.reader(f))
     col = records[0].index("Stenosis grade")
-    canal = next(r for r in records[1:] if r[4] == "spinal_canal")
+    canal = next(r for r in records[1:] if r[records[0].index("Segment ID")] == "spinal_canal")
     assert canal[col] == "relative" and canal[records[0].index("CSA (mm2)")] == "81"
