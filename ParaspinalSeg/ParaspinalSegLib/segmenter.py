@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 from scipy import ndimage
@@ -155,27 +155,67 @@ class SliceSegmenter:
         :func:`validation.validate_slice` (the scene workflow does, before it loads anything), so it is
         not checked a second time.
         """
-        torch = import_torch()
-        t0 = time.perf_counter()
-        arr = np.asarray(slice_array) if validated else validate_slice(slice_array)
-        prepared = prepare_slice(arr, slice_ijk_to_ras, self.model_input, self.normalisation)
-        grid = prepared.grid
-        t1 = time.perf_counter()
+        return self.segment_many([slice_array], [slice_ijk_to_ras], validated=validated)[0]
 
-        x = torch.from_numpy(prepared.image)[None, None].to(self.device)
+    def segment_many(self, slice_arrays: Sequence[Any], slice_ijk_to_ras: Sequence[Any], *, batch_size: int = 1,
+                     validated: bool = False) -> list[SliceResult]:
+        """Segment several slices, ``batch_size`` of them through the network at once; one result per slice.
+
+        Each result equals what :meth:`segment` gives for that slice alone (``batch_size=1`` runs exactly the
+        same computation; larger batches differ only by floating-point rounding). Slices go into one batch
+        only when their network inputs have the same shape (always, for slices of one volume). Batching pays
+        on a GPU; on a CPU one slice at a time is as fast.
+        """
+        torch = import_torch()
+        if len(slice_arrays) != len(slice_ijk_to_ras):
+            raise InputError(f"{len(slice_arrays)} slices but {len(slice_ijk_to_ras)} geometries")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise InputError(f"batch size must be a whole number >= 1, got {batch_size!r}")
+        results: list[SliceResult] = []
+        pending: list[tuple[Any, float]] = []  # (prepared slice, preparation seconds)
+
+        def flush() -> None:
+            if not pending:
+                return
+            t1 = time.perf_counter()
+            x = torch.from_numpy(np.stack([p.image for p, _ in pending]))[:, None].to(self.device)
+            probs, det = self._forward(torch, x)
+            share = (time.perf_counter() - t1) / len(pending)
+            for n, (prepared, prep_s) in enumerate(pending):
+                results.append(self._finish(torch, probs[n], None if det is None else det[n], prepared.grid, prep_s, share))
+            pending.clear()
+
+        for arr, geometry in zip(slice_arrays, slice_ijk_to_ras):
+            t0 = time.perf_counter()
+            arr = np.asarray(arr) if validated else validate_slice(arr)
+            prepared = prepare_slice(arr, geometry, self.model_input, self.normalisation)
+            if pending and pending[0][0].image.shape != prepared.image.shape:
+                flush()
+            pending.append((prepared, time.perf_counter() - t0))
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+        return results
+
+    def _forward(self, torch: Any, x: Any) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """Class probabilities (B, C, H, W) of the learned channels, mirror-averaged if set, and detector boxes."""
         with self._lock, torch.inference_mode():
             out = self.model(x)
-            probs_t = torch.softmax(out["logits"][0].index_select(0, self._channel_index).float(), dim=0)
+            probs_t = torch.softmax(out["logits"].index_select(1, self._channel_index).float(), dim=1)
             if self.mirror_tta:
                 # Model columns run patient right → left, so flipping them mirrors the patient; the mirrored
                 # pass's left-structure channel is the original's right structure and vice versa.
-                mirrored = self.model(torch.flip(x, dims=[-1]))["logits"][0]
-                mirrored = torch.flip(mirrored.index_select(0, self._mirror_index), dims=[-1])
-                probs_t = 0.5 * (probs_t + torch.softmax(mirrored.index_select(0, self._channel_index).float(), dim=0))
+                mirrored = self.model(torch.flip(x, dims=[-1]))["logits"]
+                mirrored = torch.flip(mirrored.index_select(1, self._mirror_index), dims=[-1])
+                probs_t = 0.5 * (probs_t + torch.softmax(mirrored.index_select(1, self._channel_index).float(), dim=1))
             probs = probs_t.cpu().numpy()
-            det = out["boxes"][0].float().cpu().numpy() if "boxes" in out else None
-        t2 = time.perf_counter()
+            det = out["boxes"].float().cpu().numpy() if "boxes" in out else None
+        return probs, det
 
+    def _finish(self, torch: Any, probs: np.ndarray, det: Optional[np.ndarray], grid: ResampleGrid,
+                prepare_s: float, network_s: float) -> SliceResult:
+        """Probabilities of one slice → labels, boxes and confidence on its input grid."""
+        t2 = time.perf_counter()
         # Probabilities (not labels) go back to the input grid so the argmax is taken at full
         # resolution: edges follow the interpolated probabilities instead of the model's pixels.
         probs_in = grid.to_input(probs, order=1)
@@ -193,8 +233,8 @@ class SliceSegmenter:
             labels = from_canonical(keep_largest_component(canonical, self.structures_learned), grid.orientation)
         result = self._describe(labels, max_prob, det, grid)
         t4 = time.perf_counter()
-        result.timings = {"prepare": t1 - t0, "network": t2 - t1, "map_back": t3 - t2, "postprocess": t4 - t3}
-        result.seconds = t4 - t0
+        result.timings = {"prepare": prepare_s, "network": network_s, "map_back": t3 - t2, "postprocess": t4 - t3}
+        result.seconds = prepare_s + network_s + t4 - t2
         return result
 
     def segment_volume_slice(self, volume_array_kji: Any, volume_ijk_to_ras: Any, k: int) -> SliceResult:
