@@ -1,330 +1,64 @@
-"""Segment slices of volumes on disk and write the command line's output files (one slice or a CSV list).
+"""``paraspinalseg batch``: segment the slices a CSV lists with one model, in a run that stays true.
 
-For one slice :func:`segment_volume_to_folder` writes, into the output folder:
+A run into ``DIR`` (see README, "What happens when things go wrong"):
 
-- ``<name>.seg.nrrd``: the nine named segments (IDs, names, colours, terminology) on the volume's grid,
-  made by the Slicer module's own code path (:func:`workflow.segment_slice_into_scene`: segmenter,
-  measurements, scene writers) on a headless MRML scene;
-- ``<name>_labels.nii.gz``: label values of the anatomy table on the input volume's grid and geometry
-  (only the segmented slice is non-zero);
-- ``<name>_boxes.mrk.json``: one markups ROI per found structure, all in one Slicer markups file
-  (Slicer's JSON format holds a list of markups and Slicer loads every one of them);
-- ``<name>_measurements.csv``: the measurement table (one row per structure, units in the header);
-- ``<name>_overlay.png``: the slice with contours, boxes and a legend, patient right on the viewer's left.
+- holds the folder's lock (:class:`runlock.FolderLock`) for its whole life, so a second run into the same
+  folder is refused with a message naming the holder;
+- writes each row into its own subfolder ``<volume>_slice<K>``, staged and moved in as a whole
+  (:class:`outputs.StagedOutputs`): a row folder is complete or absent;
+- after every row rewrites, each atomically, ``measurements.csv`` (the tables of the rows done),
+  ``errors.csv`` (the rows that failed, with the reason) and ``batch_run.json`` (every row's state, the
+  settings, and whether the run finished or was interrupted), so at any moment the combined files describe
+  exactly the rows the record says are done or failed;
+- refuses a folder that holds outputs already, unless ``overwrite`` (replace them) or ``resume``
+  (continue the recorded run: rows done are kept, failed and pending rows are run; the list and the
+  settings must be those of the recorded run);
+- on SIGINT/SIGTERM drops the row in progress (its staging folder goes), records the run as interrupted
+  and re-raises :class:`~ParaspinalSegLib.errors.Interrupted`: an interrupt is never a bad row.
 
-Everything is written into a private temporary folder first and moved into place only when every step
-succeeded, so a failure leaves the output folder as it was. :func:`run_batch` runs many rows with one
-model, keeps going past bad rows (``errors.csv``) and writes one combined ``measurements.csv``.
-Torch is imported only when a model is loaded, VTK/MRML only when files are written.
+The one-slice work (segmenting, the five files) lives in :mod:`slice_outputs`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import datetime as _dt
+import errno
+import io
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from . import anatomy
-from .errors import InputError
-from .geometry import vtk_matrix_from_array
-from .validation import check_slice_index, validate_slice
-from .volume_io import Volume, read_volume, write_label_volume
+from .errors import InputError, Interrupted, OutputExistsError
+from .interrupts import deferred, raise_pending
+from .outputs import StagedOutputs, atomic_write_text, remove_stale_staging, safe_output_name
+from .runlock import FolderLock
+from .slice_outputs import (  # noqa: F401 - segment_file / segment_volume_to_folder: the one-slice API, kept here too
+    SegmentOutputs,
+    check_slice,
+    load_segmenter,
+    output_paths,
+    outputs_record,
+    resolve_slice,
+    segment_file,
+    segment_volume_to_folder,
+    write_slice_outputs,
+)
+from .volume_io import Volume, read_volume, volume_name
 
-#: Output file name endings, appended to the volume's name.
-OUTPUT_SUFFIXES: dict[str, str] = {
-    "segmentation": ".seg.nrrd",
-    "labels": "_labels.nii.gz",
-    "boxes": "_boxes.mrk.json",
-    "measurements": "_measurements.csv",
-    "overlay": "_overlay.png",
-}
 COMBINED_MEASUREMENTS = "measurements.csv"
 ERRORS_CSV = "errors.csv"
+RUN_RECORD = "batch_run.json"
+RUN_FORMAT = "paraspinalseg-batch-run"
+RUN_FORMAT_VERSION = 1
 ERROR_COLUMNS = ("row", "volume", "slice", "level", "error")
-
-
-@dataclass
-class SegmentOutputs:
-    """Where one slice's outputs went and what happened."""
-
-    volume_name: str
-    slice_index: int
-    level: str
-    out_dir: Path
-    files: dict[str, Path]
-    found: list[int]
-    missing: list[int]
-    device: str
-    model_version: str
-    #: Seconds: ``network`` (segmenter call), ``write`` (all outputs), ``total`` (this call).
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    def describe(self) -> str:
-        """A few lines for the terminal: what was found, where the files are, device and time."""
-        found = ", ".join(anatomy.BY_VALUE[v].name for v in self.found) or "none"
-        lines = [
-            f"slice {self.slice_index} of {self.volume_name}"
-            + (f" ({self.level})" if self.level else "")
-            + f": {len(self.found)} structures found ({found})",
-        ]
-        if self.missing:
-            lines.append("not found: " + ", ".join(anatomy.BY_VALUE[v].name for v in self.missing))
-        lines.append(f"outputs in {self.out_dir}:")
-        lines += [f"  {p.name}" for p in self.files.values()]
-        s = self.seconds
-        timing = f"device {self.device}; {s.get('total', 0.0):.2f} s"
-        parts = [f"{key} {s[key]:.2f} s" for key in ("model_load", "network", "write") if key in s]
-        if parts:
-            timing += " (" + ", ".join(parts) + ")"
-        lines.append(timing + f"; model {self.model_version}")
-        return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------
-# One slice
-
-
-def resolve_slice(volume: Volume, k: Optional[int]) -> int:
-    """The slice index to segment: ``k`` checked against the volume, or 0 for a single-slice volume."""
-    n = volume.num_slices
-    if k is None:
-        if n == 1:
-            return 0
-        raise InputError(
-            f"{volume.name} has {n} slices: choose one with --slice K (0..{n - 1}, the third voxel index "
-            "as Slicer shows it)"
-        )
-    return check_slice_index(k, n, volume.name)
-
-
-def check_slice(volume: Volume, k: int) -> None:
-    """Refuse a slice that cannot be segmented (all one value, NaN, ...) before any model is loaded."""
-    validate_slice(volume.array[k], f"slice {k} of '{volume.name}'")
-
-
-def output_paths(folder: str | os.PathLike, name: str) -> dict[str, Path]:
-    """The five output paths for volume ``name`` in ``folder``."""
-    return {key: Path(folder) / f"{name}{suffix}" for key, suffix in OUTPUT_SUFFIXES.items()}
-
-
-def _add_volume_node(scene: Any, volume: Volume) -> Any:
-    """A scalar volume node holding the volume's voxels and geometry (reference for the writers)."""
-    import vtk
-    from vtk.util import numpy_support
-
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", volume.name)
-    image = vtk.vtkImageData()
-    k, j, i = volume.array.shape
-    image.SetDimensions(i, j, k)
-    scalars = numpy_support.numpy_to_vtk(np.ascontiguousarray(volume.array).ravel(), deep=True)
-    image.GetPointData().SetScalars(scalars)
-    node.SetAndObserveImageData(image)
-    node.SetIJKToRASMatrix(vtk_matrix_from_array(volume.ijk_to_ras))
-    return node
-
-
-def write_boxes_file(roi_nodes: Sequence[Any], path: str | os.PathLike, scratch: str | os.PathLike) -> Path:
-    """Write several markups ROIs into one ``.mrk.json`` (one entry per ROI in its ``markups`` list).
-
-    Each ROI is written by its own default storage node (``vtkMRMLMarkupsROIJsonStorageNode``, which keeps
-    size and orientation); the files' ``markups`` lists are then joined. Slicer's markups reader creates
-    one node per entry.
-    """
-    merged: Optional[dict] = None
-    for n, roi in enumerate(roi_nodes):
-        storage = roi.CreateDefaultStorageNode()
-        one = Path(scratch) / f"roi_{n}.mrk.json"
-        storage.SetFileName(str(one))
-        if not storage.WriteData(roi):
-            raise OSError(f"could not write box {roi.GetName()} to {one}")
-        content = json.loads(one.read_text(encoding="utf-8"))
-        one.unlink()
-        # Slicer names a node read from a file after the file unless the entry has a "name" (read by
-        # Slicer's markups JSON reader, not written by its writer): keep the structure's name.
-        for entry in content["markups"]:
-            entry.setdefault("name", roi.GetName())
-        if merged is None:
-            merged = content
-        else:
-            merged["markups"].extend(content["markups"])
-    if merged is None:  # no structure found: a valid markups file with no markups
-        merged = {
-            "@schema": "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/"
-            "Resources/Schema/markups-schema-v1.0.3.json#",
-            "markups": [],
-        }
-    out = Path(path)
-    out.write_text(json.dumps(merged, indent=2), encoding="utf-8")
-    return out
-
-
-def _segment_in_headless_scene(volume: Volume, k: int, segmenter: Any, level: str, threshold_method: Any,
-                               paths: dict[str, Path], scratch: Path, validated: bool) -> Any:
-    """Segment and write segmentation, boxes and table through the Slicer button's own code path
-    (:func:`workflow.segment_slice_into_scene`) on a headless MRML scene; return its outcome."""
-    from . import scene as writers
-    from .headless import create_headless_scene
-    from .workflow import segment_slice_into_scene
-
-    mrml, app_logic = create_headless_scene()
-    try:
-        volume_node = _add_volume_node(mrml, volume)
-        outcome = segment_slice_into_scene(
-            mrml, volume_node, k, segmenter, level=level, method=threshold_method, volume_ijk_to_ras=volume.ijk_to_ras,
-            validated=validated,
-        )
-        segmentation = outcome.segmentation_node
-        storage = segmentation.CreateDefaultStorageNode()
-        mrml.AddNode(storage)
-        storage.SetFileName(str(paths["segmentation"]))
-        if not storage.WriteData(segmentation):
-            raise OSError(f"could not write {paths['segmentation'].name}")
-        rois = outcome.box_nodes
-        write_boxes_file([rois[v] for v in sorted(rois)], paths["boxes"], scratch)
-        writers.table_to_csv(outcome.table_node, paths["measurements"])
-    finally:
-        mrml.Clear(1)
-        del app_logic
-    return outcome
-
-
-def segment_volume_to_folder(
-    volume: Volume,
-    k: Optional[int],
-    out_dir: str | os.PathLike,
-    segmenter: Any,
-    *,
-    level: str = "",
-    threshold_method: Any = "auto",
-    name: Optional[str] = None,
-    validated: bool = False,
-) -> SegmentOutputs:
-    """Segment slice ``k`` of ``volume`` with a loaded ``SliceSegmenter`` and write the five outputs.
-
-    ``k=None`` is allowed for single-slice volumes. Files are named after ``name`` (default: the
-    volume's name). Raises :class:`InputError` for unusable input; nothing is written then.
-    ``validated``: the caller already ran :func:`check_slice` on slice ``k`` (the content is checked once).
-    """
-    from .overlay import save_overlay
-    from .preprocessing import slice_geometry_from_volume
-
-    t0 = time.perf_counter()
-    k = resolve_slice(volume, k)  # the content is checked by the scene workflow (or was by the caller)
-    level = (level or "").strip()
-    name = name or volume.name
-    out = Path(out_dir)
-
-    with tempfile.TemporaryDirectory(prefix="paraspinalseg-") as tmp:
-        tmp_path = Path(tmp)
-        staged = output_paths(tmp_path, name)
-        scratch = tmp_path / "scratch"
-        scratch.mkdir()
-        outcome = _segment_in_headless_scene(volume, k, segmenter, level, threshold_method, staged, scratch, validated)
-        result = outcome.result
-        t_write = time.perf_counter()
-        labels = np.zeros(volume.array.shape, np.uint8)
-        labels[k] = result.labels
-        write_label_volume(labels, volume, staged["labels"])
-        title = f"{name}\nslice {k}" + (f", {level}" if level else "")
-        save_overlay(staged["overlay"], volume.array[k], result.labels, slice_geometry_from_volume(volume.ijk_to_ras, k),
-                     result.boxes, title=title)
-        # Every output exists: only now touch the output folder.
-        out.mkdir(parents=True, exist_ok=True)
-        final = output_paths(out, name)
-        for key, src in staged.items():
-            shutil.move(str(src), str(final[key]))  # a rename when on the same file system
-    t_end = time.perf_counter()
-    return SegmentOutputs(
-        volume_name=name,
-        slice_index=k,
-        level=level,
-        out_dir=out.resolve(),
-        files=final,
-        found=list(result.found),
-        missing=list(result.missing),
-        device=str(result.device),
-        model_version=str(result.model_version),
-        seconds={
-            "network": outcome.seconds["segment"],
-            "write": outcome.seconds["measure"] + outcome.seconds["write"] + t_end - t_write,
-            "total": t_end - t0,
-        },
-    )
-
-
-def default_threads() -> int:
-    """CPU threads for the network: half the cores, at least 1.
-
-    One 2-D slice is a small job: extra threads gain little, and on a busy machine (more runnable
-    processes than cores) OpenMP threads waiting for each other made one slice 5-20x slower in our
-    measurements, so the command line leaves half the cores to everything else.
-    """
-    return max(1, (os.cpu_count() or 2) // 2)
-
-
-def load_segmenter(weights: Optional[str] = None, device: str = "auto", threads: Optional[int] = None,
-                   mirror_tta: bool = True) -> Any:
-    """Load the model once (imports torch); ``threads`` CPU threads for torch (None: :func:`default_threads`).
-
-    ``mirror_tta``: average with the mirrored slice (``SliceSegmenter``'s default; off = half the network time).
-    """
-    from .errors import import_torch
-    from .segmenter import SliceSegmenter
-
-    torch = import_torch()
-    n = default_threads() if not threads else int(threads)
-    if n < 1:
-        raise InputError(f"--threads must be at least 1, got {n}")
-    torch.set_num_threads(n)
-    return SliceSegmenter(weights=weights, device=device, mirror_tta=mirror_tta)
-
-
-def segment_file(
-    volume_path: str | os.PathLike,
-    k: Optional[int],
-    out_dir: str | os.PathLike,
-    *,
-    level: str = "",
-    weights: Optional[str] = None,
-    device: str = "auto",
-    threshold_method: Any = "auto",
-    threads: Optional[int] = None,
-    segmenter: Any = None,
-    mirror_tta: bool = True,
-) -> SegmentOutputs:
-    """``paraspinalseg segment``: read the volume, check the slice, load the model, write the outputs.
-
-    The volume and slice are checked before the (slow) model load, so bad input fails at once.
-    """
-    t0 = time.perf_counter()
-    if not str(volume_path).strip():
-        raise InputError("no volume given")
-    volume = read_volume(volume_path)
-    k = resolve_slice(volume, k)
-    check_slice(volume, k)
-    t_load = time.perf_counter()
-    if segmenter is None:
-        segmenter = load_segmenter(weights, device, threads, mirror_tta)
-    load_s = time.perf_counter() - t_load
-    outputs = segment_volume_to_folder(
-        volume, k, out_dir, segmenter, level=level, threshold_method=threshold_method, validated=True
-    )
-    outputs.seconds["model_load"] = load_s
-    outputs.seconds["total"] = time.perf_counter() - t0
-    return outputs
-
-
-# ----------------------------------------------------------------------------------------------------
-# Many slices
-
 
 @dataclass
 class BatchItem:
@@ -336,37 +70,6 @@ class BatchItem:
     level: str = ""
     #: Why the row cannot be run at all (bad slice text), found while reading the list.
     problem: str = ""
-
-
-@dataclass
-class BatchSummary:
-    """What :func:`run_batch` did."""
-
-    out_dir: Path
-    succeeded: list[SegmentOutputs]
-    failed: list[tuple[BatchItem, str]]
-    measurements_csv: Optional[Path]
-    errors_csv: Path
-    seconds: float
-    model_load_seconds: float = 0.0
-
-    def describe(self) -> str:
-        n = len(self.succeeded) + len(self.failed)
-        lines = [f"{len(self.succeeded)} of {n} rows segmented, {len(self.failed)} failed; outputs in {self.out_dir}"]
-        if self.measurements_csv is not None:
-            lines.append(f"  combined table: {self.measurements_csv.name}")
-        if self.failed:
-            lines.append(f"  failed rows and reasons: {self.errors_csv.name}")
-        per = [o.seconds.get("total", 0.0) for o in self.succeeded]
-        device = self.succeeded[0].device if self.succeeded else "-"
-        timing = f"device {device}; {self.seconds:.2f} s in all (model load {self.model_load_seconds:.2f} s"
-        if per:
-            # The first slice also pays for loading VTK/MRML; the ones after it show the steady rate.
-            timing += f", first slice {per[0]:.2f} s"
-            if len(per) > 1:
-                timing += f", then {np.mean(per[1:]):.2f} s per slice"
-        lines.append(timing + ")")
-        return "\n".join(lines)
 
 
 _HEADER_WORDS = {"volume", "path", "file", "image", "volume_path", "filename"}
@@ -426,13 +129,407 @@ def _is_header(cells: Sequence[str]) -> bool:
     return first in _HEADER_WORDS or second in _SLICE_WORDS
 
 
-def _item_folder_name(item: BatchItem, volume_name: str, used: set[str]) -> str:
-    base = f"{volume_name}_slice{item.slice_index}" if item.slice_index is not None else volume_name
+def _item_folder_name(item: BatchItem, used: set[str]) -> str:
+    """``<volume>_slice<K>`` (or ``<volume>`` without a slice), made unique within the run."""
+    vname = safe_output_name(volume_name(item.volume)) if item.volume else "volume"
+    base = f"{vname}_slice{item.slice_index}" if item.slice_index is not None else vname
     name, n = base, 2
     while name in used:
         name, n = f"{base}_{n}", n + 1
     used.add(name)
     return name
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run record
+
+
+@dataclass
+class RowState:
+    """One list row in a run: where its outputs go and how it went (``pending``, ``done``, ``failed``)."""
+
+    item: BatchItem
+    folder: str
+    status: str = "pending"
+    error: str = ""
+    #: Path of the row's measurement table, relative to the run folder (rows done).
+    table: str = ""
+
+    def key(self) -> list:
+        return [self.item.row, self.item.volume, self.item.slice_index, self.item.level]
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+@dataclass
+class BatchRun:
+    """The state of a run in ``out``; :meth:`save` writes the combined files and the record."""
+
+    out: Path
+    rows: list[RowState]
+    settings: dict[str, Any]
+    started: str = field(default_factory=_now)
+    state: str = "running"
+    interrupted_by: str = ""
+    #: Rows done by an earlier (interrupted) run and kept.
+    resumed_done: int = 0
+    replace_existing: bool = False
+    _tables: dict[int, tuple[list[str], list[list[str]]]] = field(default_factory=dict, repr=False)
+
+    # -- combined files -------------------------------------------------------------------------------
+
+    def table_of(self, row: RowState) -> tuple[list[str], list[list[str]]]:
+        """(header, rows) of a done row's measurement table (read once, then kept)."""
+        if row.item.row not in self._tables:
+            with open(self.out / row.table, newline="", encoding="utf-8") as f:
+                reader = csv.reader(f)
+                header = next(reader)
+                self._tables[row.item.row] = (header, list(reader))
+        return self._tables[row.item.row]
+
+    def _measurements_text(self) -> str:
+        from .scene import CSV_COLUMNS, csv_header
+
+        header: list[str] = [csv_header(c) for c in CSV_COLUMNS]
+        body: list[list[str]] = []
+        for n, row in enumerate(r for r in self.rows if r.status == "done"):
+            head, rows = self.table_of(row)
+            if n == 0:
+                header = head
+            elif head != header:
+                raise OSError(f"{row.table} has different columns from the other measurement tables")
+            body.extend(rows)
+        return _csv_text([header, *body])
+
+    def _errors_text(self) -> str:
+        lines: list[Sequence[Any]] = [ERROR_COLUMNS]
+        for r in self.rows:
+            if r.status == "failed":
+                i = r.item
+                lines.append([i.row, i.volume, "" if i.slice_index is None else i.slice_index, i.level, r.error])
+        return _csv_text(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        done = [r.item.row for r in self.rows if r.status == "done"]
+        failed = [r.item.row for r in self.rows if r.status == "failed"]
+        return {
+            "format": RUN_FORMAT,
+            "format_version": RUN_FORMAT_VERSION,
+            "state": self.state,
+            "interrupted_by": self.interrupted_by,
+            "started": self.started,
+            "updated": _now(),
+            "settings": self.settings,
+            "combined": {COMBINED_MEASUREMENTS: done, ERRORS_CSV: failed},
+            "rows": [
+                {"row": r.item.row, "volume": r.item.volume, "slice": r.item.slice_index, "level": r.item.level,
+                 "folder": r.folder, "status": r.status, "error": r.error, "table": r.table}
+                for r in self.rows
+            ],
+        }
+
+    def save(self) -> None:
+        """Rewrite ``measurements.csv``, ``errors.csv`` and ``batch_run.json``, each atomically."""
+        with deferred():
+            measurements = self._measurements_text()
+            atomic_write_text(self.out / COMBINED_MEASUREMENTS, measurements)
+            atomic_write_text(self.out / ERRORS_CSV, self._errors_text())
+            atomic_write_text(self.out / RUN_RECORD, json.dumps(self.to_dict(), indent=1) + "\n")
+
+    def counts(self) -> dict[str, int]:
+        c = {"done": 0, "failed": 0, "pending": 0}
+        for r in self.rows:
+            c[r.status] = c.get(r.status, 0) + 1
+        return c
+
+
+def _csv_text(rows: Iterable[Sequence[Any]]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue()
+
+
+def plan_rows(items: Sequence[BatchItem]) -> list[RowState]:
+    """Each list row with its output folder name (decided from the list alone, so a resumed run finds them)."""
+    used: set[str] = set()
+    return [RowState(item, _item_folder_name(item, used)) for item in items]
+
+
+def read_run_record(out: str | os.PathLike) -> Optional[dict[str, Any]]:
+    """The ``batch_run.json`` in ``out`` (None when there is none); InputError when it is not one."""
+    path = Path(out) / RUN_RECORD
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not a readable batch run record ({exc}); use --overwrite to start a new run") from None
+    if not isinstance(data, dict) or data.get("format") != RUN_FORMAT or not isinstance(data.get("rows"), list):
+        raise InputError(f"{path} is not a ParaspinalSeg batch run record; use --overwrite to start a new run")
+    return data
+
+
+def _describe_record(data: dict[str, Any]) -> str:
+    rows = [r for r in data["rows"] if isinstance(r, dict)]
+    done = sum(1 for r in rows if r.get("status") == "done")
+    return f"a batch run ({data.get('state', '?')}, {done} of {len(rows)} rows done, updated {data.get('updated', '?')})"
+
+
+def prepare_run(
+    items: Sequence[BatchItem],
+    out_dir: str | os.PathLike,
+    settings: dict[str, Any],
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+) -> BatchRun:
+    """Decide what a run into ``out_dir`` does, before any model is loaded (call with the folder's lock).
+
+    Refuses (:class:`OutputExistsError`, :class:`InputError`) a folder with outputs unless ``overwrite``
+    or ``resume``; a resume must have the recorded run's rows and settings. Writes the run's initial
+    combined files and record.
+    """
+    if overwrite and resume:
+        raise InputError("--resume and --overwrite exclude each other (continue the run, or replace it)")
+    out = Path(out_dir)
+    rows = plan_rows(items)
+    record = read_run_record(out) if not overwrite else None
+    run = BatchRun(out, rows, dict(settings), replace_existing=overwrite or resume)
+    if overwrite:
+        _remove_previous_run(out)
+    if record is not None and not resume:
+        raise OutputExistsError(
+            f"{out} holds {_describe_record(record)}; continue it with --resume or replace it with --overwrite"
+        )
+    if record is not None:
+        _carry_over(run, record)
+    elif not overwrite:
+        clash = [out / n for n in (COMBINED_MEASUREMENTS, ERRORS_CSV)] + [out / r.folder for r in rows]
+        clash = [p for p in clash if os.path.lexists(p)]
+        if clash:
+            what = "nothing to resume (no batch_run.json) and it" if resume else "it"
+            shown = ", ".join(p.name for p in clash[:3]) + (f" and {len(clash) - 3} more" if len(clash) > 3 else "")
+            raise OutputExistsError(
+                f"{out} is not empty: {what} holds outputs this run would replace ({shown}); "
+                "use --overwrite to replace them or choose another --out"
+            )
+    remove_stale_staging(out)
+    run.save()
+    return run
+
+
+def _remove_previous_run(out: Path) -> None:
+    """``--overwrite``: remove the row folders a previous run recorded (only those, and only plain names)."""
+    try:
+        record = read_run_record(out)
+    except InputError:
+        return  # not our record: its files are replaced one by one as the new run writes them
+    if record is None:
+        return
+    for r in record["rows"]:
+        folder = r.get("folder") if isinstance(r, dict) else None
+        if isinstance(folder, str) and folder and safe_output_name(folder) == folder and (out / folder).is_dir():
+            with deferred():
+                shutil.rmtree(out / folder)
+
+
+def _carry_over(run: BatchRun, record: dict[str, Any]) -> None:
+    """Take the statuses of an interrupted run's rows; refuse when list or settings differ."""
+    old_rows = [r for r in record["rows"] if isinstance(r, dict)]
+    old_keys = [[r.get("row"), r.get("volume"), r.get("slice"), r.get("level")] for r in old_rows]
+    new_keys = [r.key() for r in run.rows]
+    if old_keys != new_keys:
+        first = next((n for n, (a, b) in enumerate(zip(old_keys, new_keys)) if a != b), min(len(old_keys), len(new_keys)))
+        raise InputError(
+            f"cannot resume: the list is not the one of the run in {run.out} (they differ from list entry "
+            f"{first + 1} on: {len(old_keys)} rows recorded, {len(new_keys)} given); use --overwrite to start again"
+        )
+    old_settings = record.get("settings") or {}
+    differ = sorted(k for k in set(old_settings) | set(run.settings) if old_settings.get(k) != run.settings.get(k))
+    if differ:
+        parts = ", ".join(f"{k}: {old_settings.get(k)!r} then, {run.settings.get(k)!r} now" for k in differ)
+        raise InputError(f"cannot resume: the run in {run.out} used other settings ({parts}); use the same options or --overwrite")
+    run.started = str(record.get("started") or run.started)
+    for row, old in zip(run.rows, old_rows):
+        table = str(old.get("table") or "")
+        if old.get("status") == "done" and old.get("folder") == row.folder and table and (run.out / table).is_file():
+            row.status, row.table = "done", table
+            run.resumed_done += 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running the rows
+
+
+@dataclass
+class BatchSummary:
+    """What a batch run did."""
+
+    out_dir: Path
+    succeeded: list[SegmentOutputs]
+    failed: list[tuple[BatchItem, str]]
+    measurements_csv: Path
+    errors_csv: Path
+    seconds: float
+    model_load_seconds: float = 0.0
+    #: Rows done by the interrupted run this one resumed (not redone).
+    resumed_done: int = 0
+
+    @property
+    def rows_done(self) -> int:
+        return len(self.succeeded) + self.resumed_done
+
+    def describe(self) -> str:
+        n = self.rows_done + len(self.failed)
+        head = f"{self.rows_done} of {n} rows segmented, {len(self.failed)} failed"
+        if self.resumed_done:
+            head += f" ({self.resumed_done} done before, kept)"
+        lines = [head + f"; outputs in {self.out_dir}",
+                 f"  combined table: {self.measurements_csv.name} ({self.rows_done} rows' tables)"]
+        if self.failed:
+            lines.append(f"  failed rows and reasons: {self.errors_csv.name}")
+        per = [o.seconds.get("total", 0.0) for o in self.succeeded]
+        device = self.succeeded[0].device if self.succeeded else "-"
+        timing = f"device {device}; {self.seconds:.2f} s in all (model load {self.model_load_seconds:.2f} s"
+        if per:
+            # The first slice also pays for loading VTK/MRML; the ones after it show the steady rate.
+            timing += f", first slice {per[0]:.2f} s"
+            if len(per) > 1:
+                timing += f", then {np.mean(per[1:]):.2f} s per slice"
+        lines.append(timing + ")")
+        return "\n".join(lines)
+
+
+def _run_row(run: BatchRun, row: RowState, segmenter: Any, threshold_method: Any,
+             read: Callable[[str], Volume]) -> SegmentOutputs:
+    """Segment one row into its staged folder, move the folder in and record the row as done.
+
+    An interrupt while the row works drops it (the staging folder goes); from the move on it is held
+    back until the record says the row is done, so a row folder never exists without its record.
+    """
+    t0 = time.perf_counter()
+    item = row.item
+    if item.problem:
+        raise InputError(item.problem)
+    volume = read(item.volume)
+    k = resolve_slice(volume, item.slice_index)
+    check_slice(volume, k)
+    name = safe_output_name(volume.name)
+    level = (item.level or "").strip()
+    with StagedOutputs(run.out, overwrite=run.replace_existing) as stage:
+        folder = stage.path(row.folder)
+        folder.mkdir()
+        scratch = stage.path(".scratch")
+        scratch.mkdir()
+        outcome, _, write_s = write_slice_outputs(volume, k, folder, scratch, segmenter, name=name, level=level,
+                                                  threshold_method=threshold_method, validated=True)
+        final = run.out / row.folder
+        files = output_paths(final, name)
+        with deferred():
+            stage.commit()
+            row.status, row.error, row.table = "done", "", str(Path(row.folder) / files["measurements"].name)
+            run.save()
+    return outputs_record(outcome, name, k, level, final, files, t0, write_s)
+
+
+#: Errors of the output file system, not of a row: every further row would fail the same way.
+_FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+_LOW_SPACE_BYTES = 1 << 20
+
+
+def _output_failed(exc: OSError, out: Path) -> bool:
+    """Whether a row's OSError is the output file system failing (full, read-only), not the row's input.
+
+    Writers that are not Python's (ITK, VTK) report a full disk only as "could not write", so a write
+    failure while the output file system has (almost) no free space counts as a full disk too.
+    """
+    name = getattr(exc, "filename", None)
+    if name:
+        try:
+            if not Path(name).resolve().is_relative_to(out.resolve()):
+                return False
+        except (OSError, ValueError):
+            pass
+    if exc.errno in _FATAL_ERRNOS:
+        return True
+    try:
+        return shutil.disk_usage(out).free < _LOW_SPACE_BYTES
+    except OSError:
+        return True
+
+
+def _stop(run: BatchRun, row: RowState, exc: OSError) -> None:
+    """The output file system failed: record what can be recorded (the files stay consistent either way)."""
+    row.status, row.error, row.table = "pending", "", ""
+    run.state = "stopped"
+    with contextlib.suppress(OSError):
+        run.save()
+
+
+def _reason(exc: Exception) -> str:
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    if not isinstance(exc, (InputError, ValueError, OSError)):
+        reason = f"{type(exc).__name__}: {reason}"
+    return reason
+
+
+def execute_run(run: BatchRun, segmenter: Any, *, threshold_method: Any = "auto", progress: bool = True) -> BatchSummary:
+    """Run every row of ``run`` not done yet; the combined files and record are rewritten after each."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    succeeded: list[SegmentOutputs] = []
+    cached: dict[str, Volume] = {}  # consecutive rows often share a volume
+
+    def read(path: str) -> Volume:
+        if path not in cached:
+            cached.clear()
+            cached[path] = read_volume(path)
+        return cached[path]
+
+    todo = [r for r in run.rows if r.status != "done"]
+    try:
+        for row in tqdm(todo, desc="segmenting", unit="slice", disable=not progress, leave=False):
+            raise_pending()
+            row.status, row.error, row.table = "pending", "", ""
+            try:
+                succeeded.append(_run_row(run, row, segmenter, threshold_method, read))
+                continue
+            except OSError as exc:
+                if _output_failed(exc, run.out):
+                    _stop(run, row, exc)
+                    raise
+                row.status, row.error, row.table = "failed", _reason(exc), ""
+            except Exception as exc:  # noqa: BLE001 - a bad row must not stop the batch; the reason is recorded
+                row.status, row.error, row.table = "failed", _reason(exc), ""
+            run.save()
+    except (Interrupted, KeyboardInterrupt) as exc:
+        run.state = "interrupted"
+        run.interrupted_by = getattr(exc, "signal_name", "SIGINT")
+        with deferred():
+            run.save()
+        c = run.counts()
+        exc.detail = (f"{c['done']} of {len(run.rows)} rows done, {c['failed']} failed, the row in progress dropped; "
+                      f"{COMBINED_MEASUREMENTS}, {ERRORS_CSV} and {RUN_RECORD} in {run.out} describe them; "
+                      "continue with --resume")
+        raise
+    run.state = "finished"
+    run.save()
+    failed = [(r.item, r.error) for r in run.rows if r.status == "failed"]
+    return BatchSummary(run.out.resolve(), succeeded, failed, run.out / COMBINED_MEASUREMENTS, run.out / ERRORS_CSV,
+                        time.perf_counter() - t0, resumed_done=run.resumed_done)
+
+
+def run_settings(segmenter: Any = None, *, weights_sha256: str = "", threshold_method: Any = "auto",
+                 mirror_tta: Optional[bool] = None) -> dict[str, Any]:
+    """What makes two runs' rows comparable (a resume must match): model checksum, threshold, mirror TTA."""
+    config = getattr(segmenter, "config", None)
+    sha = weights_sha256 or str(getattr(config, "weights_sha256", "") or "")
+    if mirror_tta is None:
+        mirror_tta = bool(getattr(segmenter, "mirror_tta", True))
+    return {"weights_sha256": sha, "threshold_method": str(threshold_method), "mirror_tta": bool(mirror_tta)}
 
 
 def run_batch(
@@ -442,75 +539,14 @@ def run_batch(
     *,
     threshold_method: Any = "auto",
     progress: bool = True,
+    overwrite: bool = False,
+    resume: bool = False,
 ) -> BatchSummary:
-    """Segment every row with one loaded ``segmenter``; bad rows go to ``errors.csv``, the run goes on.
-
-    Each row's outputs go into their own subfolder ``<volume>_slice<K>`` of ``out_dir``; the rows of all
-    per-row measurement tables are joined into ``out_dir/measurements.csv``.
-    """
-    from tqdm import tqdm
-
-    t0 = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    items = list(items)
-    succeeded: list[SegmentOutputs] = []
-    failed: list[tuple[BatchItem, str]] = []
-    used: set[str] = set()
-    cached: tuple[str, Optional[Volume]] = ("", None)  # consecutive rows often share a volume
-    for item in tqdm(items, desc="segmenting", unit="slice", disable=not progress, leave=False):
-        try:
-            if item.problem:
-                raise InputError(item.problem)
-            if cached[0] != item.volume or cached[1] is None:
-                cached = (item.volume, None)
-                cached = (item.volume, read_volume(item.volume))
-            volume = cached[1]
-            assert volume is not None
-            folder = out / _item_folder_name(item, volume.name, used)
-            succeeded.append(
-                segment_volume_to_folder(volume, item.slice_index, folder, segmenter, level=item.level,
-                                         threshold_method=threshold_method)
-            )
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a bad row must not stop the batch; the reason is recorded
-            reason = " ".join(str(exc).split()) or type(exc).__name__
-            if not isinstance(exc, (InputError, ValueError, OSError)):
-                reason = f"{type(exc).__name__}: {reason}"
-            failed.append((item, reason))
-
-    errors_csv = out / ERRORS_CSV
-    with open(errors_csv, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(ERROR_COLUMNS)
-        for item, reason in failed:
-            writer.writerow([item.row, item.volume, "" if item.slice_index is None else item.slice_index,
-                             item.level, reason])
-    measurements_csv = _combine_tables([o.files["measurements"] for o in succeeded], out / COMBINED_MEASUREMENTS)
-    return BatchSummary(out.resolve(), succeeded, failed, measurements_csv, errors_csv, time.perf_counter() - t0)
-
-
-def _combine_tables(paths: Sequence[Path], target: Path) -> Optional[Path]:
-    """Join per-row measurement CSVs (same columns) into one file; None when there is nothing to join."""
-    if not paths:
-        return None
-    header: Optional[list[str]] = None
-    rows: list[list[str]] = []
-    for p in paths:
-        with open(p, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
-            head = next(reader)
-            if header is None:
-                header = head
-            elif head != header:
-                raise OSError(f"{p} has different columns from the other measurement tables")
-            rows.extend(reader)
-    with open(target, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return target
+    """Segment every row with one loaded ``segmenter`` into ``out_dir`` (lock, checks, rows; see the module)."""
+    with FolderLock(out_dir):
+        run = prepare_run(list(items), out_dir, run_settings(segmenter, threshold_method=threshold_method),
+                          overwrite=overwrite, resume=resume)
+        return execute_run(run, segmenter, threshold_method=threshold_method, progress=progress)
 
 
 def run_batch_file(
@@ -523,13 +559,25 @@ def run_batch_file(
     progress: bool = True,
     threads: Optional[int] = None,
     mirror_tta: bool = True,
+    overwrite: bool = False,
+    resume: bool = False,
 ) -> BatchSummary:
-    """``paraspinalseg batch``: read the list, load the model once, run every row."""
+    """``paraspinalseg batch``: read the list, take the folder, check it, load the model once, run the rows.
+
+    Everything that can refuse the run (list, lock, existing outputs, a resume that does not match) is
+    checked before the model loads.
+    """
+    from .weights import read_weights_config
+
     items = read_batch_list(list_path)
-    t0 = time.perf_counter()
-    segmenter = load_segmenter(weights, device, threads, mirror_tta)
-    load_s = time.perf_counter() - t0
-    summary = run_batch(items, out_dir, segmenter, threshold_method=threshold_method, progress=progress)
+    sha = read_weights_config(weights).weights_sha256
+    with FolderLock(out_dir):
+        settings = run_settings(weights_sha256=sha, threshold_method=threshold_method, mirror_tta=mirror_tta)
+        run = prepare_run(items, out_dir, settings, overwrite=overwrite, resume=resume)
+        t0 = time.perf_counter()
+        segmenter = load_segmenter(weights, device, threads, mirror_tta)
+        load_s = time.perf_counter() - t0
+        summary = execute_run(run, segmenter, threshold_method=threshold_method, progress=progress)
     summary.model_load_seconds = load_s
     summary.seconds += load_s
     return summary

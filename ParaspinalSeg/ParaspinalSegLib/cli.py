@@ -7,24 +7,47 @@
     paraspinalseg measure VOLUME SEGMENTATION --out CSV      (when cli_measure is available)
     paraspinalseg info [--weights W]
 
-Errors the user can fix (bad input, bad weights, no CUDA) print one ``paraspinalseg: error: …`` line and
-exit with status 2, leaving nothing written. Heavy modules (torch, VTK/MRML, SimpleITK) are imported only
-by the code paths that need them, so ``--help`` and ``--version`` answer at once.
+Every failure prints one ``paraspinalseg: …`` line (no traceback) and leaves no new file. Exit status
+(:data:`EXIT_CODES`, README "What happens when things go wrong"): 0 done; 1 the file system failed
+(disk full, no permission); 2 bad input, arguments or weights, or outputs that exist without
+``--overwrite``; 3 the output folder is locked by another run; 70 an internal error (a bug: set
+``PARASPINALSEG_DEBUG=1`` for the traceback); 130 / 143 interrupted by SIGINT (Ctrl-C) / SIGTERM.
+Heavy modules (torch, VTK/MRML, SimpleITK) are imported only by the code paths that need them, so
+``--help`` and ``--version`` answer at once; they are imported with signals held back (an interrupt
+half-way through a C extension's import used to crash the process).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Optional, Sequence
 
-from . import __version__
-from .errors import ParaspinalSegError
+from . import __version__, interrupts
+from .errors import Interrupted, OutputFolderLockedError, ParaspinalSegError
 
 PROG = "paraspinalseg"
 
-#: Exit status for problems with the user's input (same as argparse uses for bad arguments).
+EXIT_OK = 0
+#: Reading or writing files failed (disk full, permission denied); nothing new is left.
+EXIT_IO_ERROR = 1
+#: Problems with the user's input (same as argparse uses for bad arguments), existing outputs included.
 EXIT_INPUT_ERROR = 2
+#: The output folder is held by another run (its lock names the holder).
+EXIT_LOCKED = 3
+#: A bug: an exception nobody raised on purpose.
+EXIT_INTERNAL_ERROR = 70
+#: Every exit status the command uses and what it means (README and ``--help`` list the same).
+EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "done",
+    EXIT_IO_ERROR: "the file system failed (disk full, permission denied); no new file was left",
+    EXIT_INPUT_ERROR: "bad input, arguments or weights, or outputs exist (use --overwrite); nothing was written",
+    EXIT_LOCKED: "the output folder is in use by another run (the message names it)",
+    EXIT_INTERNAL_ERROR: "internal error (a bug; PARASPINALSEG_DEBUG=1 shows the traceback)",
+    130: "interrupted by SIGINT (Ctrl-C)",
+    143: "interrupted by SIGTERM",
+}
 
 
 def _threshold_method(text: str) -> Any:
@@ -76,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--level", default="", metavar="L",
                      help="spinal level written to the table, e.g. L4/L5 (free text, default blank)")
     seg.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    seg.add_argument("--overwrite", action="store_true",
+                     help="replace this volume's outputs if they exist in DIR (default: refuse, write nothing)")
     _add_model_options(seg)
     seg.set_defaults(func=_run_segment)
 
@@ -84,10 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="segment many volumes/slices listed in a CSV with one model load",
         description="Rows of LIST.csv: volume path, slice, level (header optional; paths relative to the "
         "CSV's folder; slice may be blank for single-slice volumes). Writes one subfolder per row, a "
-        "combined measurements.csv and errors.csv (rows that failed, with the reason) into DIR.",
+        "combined measurements.csv and errors.csv (rows that failed, with the reason) and batch_run.json "
+        "(the state of every row) into DIR, all three rewritten atomically after every row. DIR is locked "
+        "while the run lasts; an interrupted run is continued with --resume.",
     )
     bat.add_argument("list", metavar="LIST.csv", help="CSV with rows: volume path, slice, level")
     bat.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    again = bat.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run recorded in DIR: rows done are kept, failed and pending rows run "
+                       "(same list and settings required)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="start a new run in a DIR that holds outputs, replacing them (default: refuse)")
     _add_model_options(bat)
     bat.add_argument("--no-progress", action="store_true", help="no progress bar")
     bat.set_defaults(func=_run_batch)
@@ -123,6 +156,7 @@ def _run_segment(args: argparse.Namespace) -> int:
         threshold_method=args.threshold_method,
         threads=args.threads,
         mirror_tta=args.mirror_tta,
+        overwrite=args.overwrite,
     )
     print(out.describe())
     return 0
@@ -140,10 +174,12 @@ def _run_batch(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         threads=args.threads,
         mirror_tta=args.mirror_tta,
+        overwrite=args.overwrite,
+        resume=args.resume,
     )
     print(summary.describe())
     # Bad rows are reported in errors.csv; the run counts as failed (bad input) only when no row worked.
-    return 0 if summary.succeeded else EXIT_INPUT_ERROR
+    return EXIT_OK if summary.rows_done else EXIT_INPUT_ERROR
 
 
 def _run_info(args: argparse.Namespace) -> int:
@@ -158,24 +194,72 @@ def _run_info(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------
 
 
+#: What each command imports before it starts (with signals held back, see :mod:`interrupts`).
+_HEAVY_MODULES = {
+    "segment": ("numpy", "SimpleITK", "vtk", "slicer", "torch"),
+    "batch": ("numpy", "SimpleITK", "vtk", "slicer", "torch"),
+    "measure": ("numpy", "SimpleITK"),
+}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``paraspinalseg`` console script; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return EXIT_INPUT_ERROR
+    installed = interrupts.install()
     try:
-        return int(args.func(args) or 0)
+        return _main(argv)
+    finally:
+        if installed and argv is not None:  # called in-process (tests): leave the caller's handlers as they were
+            interrupts.uninstall()
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    try:
+        with interrupts.deferred():  # start-up: imports only
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            if not getattr(args, "func", None):
+                parser.print_help()
+                return EXIT_INPUT_ERROR
+            interrupts.import_heavy_modules(*_HEAVY_MODULES.get(args.command, ()))
+        status = int(args.func(args) or 0)
+        interrupts.raise_pending()
+        return status
+    except Interrupted as exc:
+        detail = getattr(exc, "detail", "") or "nothing new was written"
+        _say(f"interrupted by {exc.signal_name}" + (f"; {detail}" if detail else ""))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _say("interrupted by SIGINT")
+        return 130
+    except OutputFolderLockedError as exc:
+        _say(f"error: {_one_line(exc)}")
+        return EXIT_LOCKED
     except ParaspinalSegError as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        _say(f"error: {_one_line(exc)}")
         return EXIT_INPUT_ERROR
     except OSError as exc:  # e.g. output folder not writable, disk full
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        _say(f"error: {_os_error_line(exc)}")
+        return EXIT_IO_ERROR
+    except MemoryError:
+        _say("error: out of memory")
+        return EXIT_IO_ERROR
+    except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback on request
+        if os.environ.get("PARASPINALSEG_DEBUG"):
+            raise
+        _say(f"internal error: {type(exc).__name__}: {_one_line(exc)} (set PARASPINALSEG_DEBUG=1 for the traceback)")
+        return EXIT_INTERNAL_ERROR
+
+
+def _say(line: str) -> None:
+    with interrupts.deferred():
+        print(f"{PROG}: {line}", file=sys.stderr, flush=True)
+
+
+def _os_error_line(exc: OSError) -> str:
+    """``strerror: filename`` (e.g. ``No space left on device: out/x.png``) rather than ``[Errno 28] …``."""
+    if exc.strerror:
+        return " ".join(exc.strerror.split()) + (f": {exc.filename}" if exc.filename else "")
+    return _one_line(exc)
 
 
 def _one_line(exc: BaseException) -> str:

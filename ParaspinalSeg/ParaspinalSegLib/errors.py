@@ -90,3 +90,31 @@ def import_torch():
     except ImportError as exc:  # pragma: no cover - torch is installed in the development env
         raise TorchMissingError(f"{TORCH_INSTALL_HINT} (import failed: {exc})") from exc
     return torch
+
+
+class OutputExistsError(ParaspinalSegError):
+    """An output file or folder already exists and the user did not ask to replace it (``--overwrite``)."""
+
+
+class OutputFolderLockedError(ParaspinalSegError):
+    """Another run holds the lock on the output folder; the message names the holder."""
+
+
+class Interrupted(BaseException):
+    """SIGINT / SIGTERM arrived. A ``BaseException`` (like ``KeyboardInterrupt``) so that no
+    ``except Exception`` records it as a failed row; :attr:`exit_code` is ``128 + signal number``."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.signum = int(signum)
+        try:
+            self.signal_name = signal.Signals(self.signum).name
+        except ValueError:  # pragma: no cover - a signal number this platform does not name
+            self.signal_name = f"signal {self.signum}"
+        super().__init__(f"interrupted by {self.signal_name}")
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention: 130 for SIGINT (Ctrl-C), 143 for SIGTERM."""
+        return 128 + self.signum

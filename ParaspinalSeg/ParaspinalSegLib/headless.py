@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 import types
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -59,7 +61,7 @@ def create_headless_scene(
     ``terminology=True`` also creates the terminologies logic and loads ParaspinalSeg's own
     ``.term.json`` (slicer-core ships no terminology files, so the logic logs harmless errors about
     Slicer's default lists). ``cache_dir`` is the remote-cache folder needed by ``ReadFromMRB``; a
-    private temporary folder is made when omitted.
+    private temporary folder is made when omitted and removed with the application logic (or at exit).
     """
     import slicer
     import vtk
@@ -96,6 +98,8 @@ def create_headless_scene(
     # ReadFromMRB needs a data IO manager with a cache manager ("cannot retrieve remote cache directory").
     if cache_dir is None:
         cache_dir = tempfile.mkdtemp(prefix="paraspinalseg-mrml-cache-")
+        # Ours to remove: when the application logic goes, or at the latest when the process exits.
+        weakref.finalize(app_logic, shutil.rmtree, cache_dir, True)
     cache = slicer.vtkCacheManager()
     cache.SetRemoteCacheDirectory(str(cache_dir))
     data_io = slicer.vtkDataIOManager()

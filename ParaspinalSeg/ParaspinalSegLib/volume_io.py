@@ -12,6 +12,7 @@ Needs numpy and SimpleITK only (both exist in Slicer's Python).
 from __future__ import annotations
 
 import contextlib
+import errno
 import locale
 import os
 import re
@@ -22,6 +23,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from .errors import InputError
+from .file_integrity import check_file_complete
 
 #: File name endings SimpleITK reads that we accept as a single-file volume (lower case).
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
@@ -217,6 +219,7 @@ def read_volume(path: str | os.PathLike) -> Volume:
     if p.is_dir():
         image = _read_dicom_folder(p)
     else:
+        check_file_complete(p)  # before ITK reads: it pads a truncated NIfTI with zeros
         try:
             image = sitk.ReadImage(str(p))
         except RuntimeError as exc:
@@ -315,7 +318,7 @@ def write_label_volume(labels: np.ndarray, volume: Volume, path: str | os.PathLi
         raise InputError("label values must lie in 0..255")
     image = itk_image_like(lab.astype(np.uint8), volume)
     out = Path(path)
-    sitk.WriteImage(image, str(out), True)
+    _write_itk(image, out)
     return out
 
 
@@ -326,5 +329,15 @@ def write_scalar_volume(array: np.ndarray, volume: Volume, path: str | os.PathLi
     a = np.asarray(array)
     if a.shape != volume.array.shape:
         raise InputError(f"array shape {a.shape} does not match the volume {volume.array.shape}")
-    sitk.WriteImage(itk_image_like(a, volume), str(path), True)
+    _write_itk(itk_image_like(a, volume), Path(path))
     return Path(path)
+
+
+def _write_itk(image, path: Path) -> None:
+    """``sitk.WriteImage`` (compressed) with ITK's failures (disk full, no permission) as an ``OSError``."""
+    import SimpleITK as sitk
+
+    try:
+        sitk.WriteImage(image, str(path), True)
+    except RuntimeError as exc:
+        raise OSError(errno.EIO, f"could not write {path.name} ({_first_line(exc)})", str(path)) from None

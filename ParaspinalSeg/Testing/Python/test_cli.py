@@ -113,7 +113,7 @@ def test_segment_writes_the_five_outputs_slicer_can_read(capsys, tmp_path, volum
     assert set(np.unique(labels[1])) <= set(range(10))
 
     # .seg.nrrd: nine segments with IDs, names, colours, terminology; content equals the label file.
-    from ParaspinalSegLib import batch, scene
+    from ParaspinalSegLib import scene, slice_outputs
     from ParaspinalSegLib.headless import create_headless_scene
     from ParaspinalSegLib.volume_io import read_volume
 
@@ -129,7 +129,7 @@ def test_segment_writes_the_five_outputs_slicer_can_read(capsys, tmp_path, volum
         assert segment.GetName() == s.name
         np.testing.assert_allclose(segment.GetColor(), s.color, atol=1e-6)
         assert segment.GetTerminology().rstrip("|") == s.terminology.rstrip("|")
-    vol_node = batch._add_volume_node(mrml, read_volume(volume))
+    vol_node = slice_outputs._add_volume_node(mrml, read_volume(volume))
     np.testing.assert_array_equal(scene.read_slice_labels(seg, vol_node, 1), labels[1])
 
     # Boxes: one file, Slicer's markups logic loads one locked ROI per found structure, named after it.

@@ -59,7 +59,7 @@ def test_one_segment_call_checks_the_slice_once(tmp_path, monkeypatch, save_tiny
     """``paraspinalseg segment`` checks the slice before the model loads, and nobody checks it again."""
     sitk = pytest.importorskip("SimpleITK")
     pytest.importorskip("slicer")
-    from ParaspinalSegLib import batch, segmenter, validation, workflow
+    from ParaspinalSegLib import batch, segmenter, slice_outputs, validation, workflow
 
     calls: list[tuple] = []
     real = validation.validate_slice
@@ -68,7 +68,7 @@ def test_one_segment_call_checks_the_slice_once(tmp_path, monkeypatch, save_tiny
         calls.append(np.shape(a))
         return real(a, where)
 
-    for module in (batch, segmenter, workflow):
+    for module in (slice_outputs, segmenter, workflow):
         monkeypatch.setattr(module, "validate_slice", counting)
     rng = np.random.default_rng(0)
     image = sitk.GetImageFromArray(rng.normal(300, 50, (2, 40, 40)).astype(np.int16))
