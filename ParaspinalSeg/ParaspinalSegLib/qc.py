@@ -19,8 +19,9 @@ chosen, what it caught and its false-flag rate):
   in training (mm²), and a left/right area ratio outside what healthy and diseased spines show.
 * **confidence** — mean maximum probability inside the structure, and the share of its pixels that are
   uncertain (maximum probability below 0.5).
-* **image** — a field of view or pixel size unlike any training slice, or a slice on which no disc,
-  no psoas and no paraspinal muscle pair was found (not a lumbar slice, or the model is lost).
+* **image** — a field of view or pixel size unlike any training slice, noise far above any training
+  slice's, a background brighter than the body (inverted contrast), or a slice on which no disc and no
+  muscle pair was found (not a lumbar slice, or the model is lost).
 
 numpy + scipy only, so the Slicer module can run the checks without scikit-image or torch.
 """
@@ -45,6 +46,7 @@ __all__ = [
     "check_shape",
     "check_confidence",
     "check_image",
+    "image_statistics",
     "run_checks",
     "structure_centroids_ras",
 ]
@@ -91,6 +93,11 @@ class QCThresholds:
     fov_range_mm: tuple[float, float] = (120.0, 520.0)
     #: Pixel size (mm) outside this range is unlike every training slice.
     pixel_range_mm: tuple[float, float] = (0.2, 2.5)
+    #: Noise (Immerkær estimate) over the 1st–99th percentile range above this (training: ≤ 0.0041).
+    max_noise_ratio: float = 0.03
+    #: Median of the image's outer frame, as a fraction of the 1st–99th percentile range, above this:
+    #: the background is brighter than the body (training: ≤ 0.13; inverted contrast ≥ 0.9).
+    max_background_level: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -333,6 +340,28 @@ def check_confidence(
     return flags
 
 
+_LAPLACIAN_DIFFERENCE = np.array([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]])
+
+
+def image_statistics(image: np.ndarray) -> tuple[float, float]:
+    """``(noise ratio, background level)`` of a slice, both relative to its 1st–99th percentile range.
+
+    Noise: Immerkær's fast estimate (Comput Vis Image Underst 1996;64:300–302), the mean absolute response
+    to a difference of two Laplacians, which cancels smooth anatomy and keeps pixel noise. Background: the
+    median of the outer frame (1/20 of the shorter side), where an MRI slice holds air or the body's edge.
+    """
+    a = np.asarray(image, dtype=np.float64)
+    lo, hi = np.percentile(a, [1.0, 99.0])
+    span = max(float(hi - lo), 1e-12)
+    if min(a.shape) < 3:
+        return 0.0, 0.0
+    response = ndimage.convolve(a, _LAPLACIAN_DIFFERENCE, mode="reflect")[1:-1, 1:-1]
+    noise = float(np.sqrt(np.pi / 2.0) * np.abs(response).mean() / 6.0)
+    b = max(2, min(a.shape) // 20)
+    frame = np.concatenate([a[:b].ravel(), a[-b:].ravel(), a[:, :b].ravel(), a[:, -b:].ravel()])
+    return noise / span, float((np.median(frame) - lo) / span)
+
+
 def check_image(
     image: np.ndarray,
     labels: np.ndarray,
@@ -348,6 +377,11 @@ def check_image(
         flags.append(QCFlag(None, "image", f"field of view {fov:.0f} mm unlike training ({t.fov_range_mm[0]:.0f}–{t.fov_range_mm[1]:.0f})"))
     if not all(t.pixel_range_mm[0] <= s <= t.pixel_range_mm[1] for s in (s0, s1)):
         flags.append(QCFlag(None, "image", f"pixel size {s0:.2f}×{s1:.2f} mm unlike training"))
+    noise, background = image_statistics(image)
+    if noise > t.max_noise_ratio:
+        flags.append(QCFlag(None, "image", f"image far noisier than training (noise {100 * noise:.1f} % of range)"))
+    if background > t.max_background_level:
+        flags.append(QCFlag(None, "image", "background brighter than the body: contrast unlike training"))
     present = set(int(v) for v in np.unique(labels))
     learned = set(structures_learned)
     pairs = [(a, a + 1) for a in (4, 6, 8) if {a, a + 1} <= learned]

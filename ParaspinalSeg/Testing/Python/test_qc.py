@@ -34,8 +34,14 @@ def phantom(overrides: dict[int, tuple[tuple[int, int], tuple[int, int]]] | None
 
 
 def image_for(labels: np.ndarray) -> np.ndarray:
+    """A body (dark air outside it) with brighter structures, smooth like an MRI slice, faint noise."""
+    from scipy import ndimage
+
     rng = np.random.default_rng(0)
-    return 100.0 + 50.0 * (labels > 0) + rng.normal(0, 5, labels.shape)
+    body = np.zeros(labels.shape)
+    body[20:180, 20:180] = 100.0
+    image = ndimage.gaussian_filter(body + 50.0 * (labels > 0), 1.5)
+    return image + rng.normal(0, 0.2, labels.shape)
 
 
 def run(labels, matrix=CANONICAL, **kw) -> qc.QCReport:
@@ -146,3 +152,14 @@ def test_a_patient_lying_rotated_within_20_degrees_stays_clean(angle):
     m = CANONICAL.copy()
     m[:2, :2] = rot @ CANONICAL[:2, :2]
     assert run(phantom(), m).ok
+
+
+def test_noisy_and_inverted_images_are_flagged_for_every_row():
+    labels = phantom()
+    image = image_for(labels)
+    rng = np.random.default_rng(1)
+    noisy = qc.run_checks(labels, image + rng.normal(0, 40, image.shape), CANONICAL)
+    assert "far noisier than training" in noisy.cell(1) and "far noisier" in noisy.cell(9)
+    inverted = qc.run_checks(labels, image.max() - image, CANONICAL)
+    assert "background brighter than the body" in inverted.summary()
+    assert qc.run_checks(labels, image, CANONICAL).ok
