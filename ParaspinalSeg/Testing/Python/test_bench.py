@@ -19,3 +19,17 @@ def test_bench_reports_both_models(capsys) -> None:
     assert results["BS-ESNet"]["gflops"] > results["U-Net"]["gflops"]
     bench._print_table(results, 1, "cpu")
     assert "ratio" in capsys.readouterr().out
+
+
+def test_click_benchmark_reports_network_and_outside_time(save_tiny_weights, tmp_path, capsys) -> None:
+    pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
+    from ParaspinalSegLib import bench_click
+
+    weights = save_tiny_weights(tmp_path / "tiny", spacing_mm=6.0, size=64)
+    result = bench_click.run(shape=(6, 64, 64), clicks=2, filled=1, weights=str(weights), threads=1)
+    assert set(result) == {"network", "outside", "measure", "write", "check"}
+    assert result["network"] > 0 and result["outside"] > 0
+    assert abs(result["outside"] - (result["check"] + result["measure"] + result["write"])) < 1e-6
+    assert bench_click.main(["--shape", "4", "64", "64", "--clicks", "1", "--filled", "1", "--weights", str(weights),
+                             "--threads", "1"]) == 0
+    assert "outside the network" in capsys.readouterr().out
