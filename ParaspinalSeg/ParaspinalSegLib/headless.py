@@ -20,8 +20,9 @@ import tempfile
 import types
 import weakref
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Callable, Optional
+
+from .terminology import TERMINOLOGY_FILE, ensure_terminology_loaded
 
 #: Module logics created for every headless scene, in creation order (subject hierarchy first: it
 #: creates the subject hierarchy node the others attach items to).
@@ -34,10 +35,6 @@ MODULE_LOGICS: tuple[tuple[str, str], ...] = (
     ("Units", "vtkSlicerUnitsLogic"),
 )
 
-#: The module's own terminology file (Slicer loads it at startup; headless we load it on request).
-TERMINOLOGY_FILE = Path(__file__).resolve().parent.parent / "Resources" / (
-    "SegmentationCategoryTypeModifier-ParaspinalSeg.term.json"
-)
 
 
 def running_in_slicer_app() -> bool:
@@ -91,8 +88,7 @@ def create_headless_scene(
         term_logic.SetMRMLScene(scene)
         term_logic.SetMRMLApplicationLogic(app_logic)
         app_logic.SetModuleLogic("Terminologies", term_logic)
-        if TERMINOLOGY_FILE.is_file():
-            term_logic.LoadTerminologyFromFile(str(TERMINOLOGY_FILE))
+        ensure_terminology_loaded(term_logic, TERMINOLOGY_FILE)
         logics["Terminologies"] = term_logic
 
     # ReadFromMRB needs a data IO manager with a cache manager ("cannot retrieve remote cache directory").
