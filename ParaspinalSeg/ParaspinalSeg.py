@@ -44,11 +44,15 @@ REQUIREMENTS_FILE = MODULE_DIR / "Resources" / "requirements.txt"
 SPINAL_LEVELS = ("", "L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1")
 FAT_THRESHOLD_METHODS = ("auto", "otsu", "manual")
 DEVICES = ("auto", "cpu", "cuda")
-TORCH_VERSION_REQUIREMENT = ">=2.2"
+TORCH_VERSION_REQUIREMENT = ">=2.2"  # the same minimum as ParaspinalSegLib.panel_choices.MINIMUM_TORCH_VERSION
 
 #: Library submodules reloaded by "Reload" in developer mode (order: dependencies first).
 LIBRARY_MODULES = (
     "ParaspinalSegLib.errors",
+    "ParaspinalSegLib.panel_state",
+    "ParaspinalSegLib.panel_choices",
+    "ParaspinalSegLib.terminology",
+    "ParaspinalSegLib.sample_data",
     "ParaspinalSegLib.anatomy",
     "ParaspinalSegLib.boxes",
     "ParaspinalSegLib.preprocessing",
@@ -78,7 +82,7 @@ class ParaspinalSeg(ScriptedLoadableModule):
         self.parent.title = _("ParaspinalSeg")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
-        self.parent.contributors = ["ParaspinalSeg contributors"]
+        self.parent.contributors = ["ParaspinalSeg developers (ParaspinalSeg project)"]
         self.parent.helpText = _("""
 Segments the paraspinal muscles (left and right psoas major, multifidus and erector spinae), the
 intervertebral disc, the spinal canal and the lamina on one axial lumbar MRI slice with the BS-ESNet
@@ -105,8 +109,13 @@ The module follows the 3D Slicer scripted module template by Jean-Christophe Fil
 Andras Lasso (PerkLab) and Steve Pieper (Isomics).
 """)
 
-        # Additional initialization step after application startup is complete
+        # Additional initialization step after application startup is complete (an extension installed
+        # without restarting Slicer misses this signal: the widget registers both on first use).
         slicer.app.connect("startupCompleted()", registerTerminology)
+        slicer.app.connect("startupCompleted()", registerSampleData)
+        problem = versionProblem()
+        if problem:  # one clear message at load; the panel refuses to run (see ParaspinalSegWidget._viewProblem)
+            logging.error(f"ParaspinalSeg: {problem}")
 
 
 #
@@ -114,16 +123,45 @@ Andras Lasso (PerkLab) and Steve Pieper (Isomics).
 #
 
 
-def registerTerminology():
-    """Load ParaspinalSeg's .term.json so the nine segments show their standard names and codes."""
-    if not TERMINOLOGY_FILE.is_file():
-        logging.warning(f"ParaspinalSeg: terminology file not found: {TERMINOLOGY_FILE}")
+def versionProblem() -> str:
+    """Why this Slicer is too old for the module ("" on Slicer 5.8 and newer)."""
+    from ParaspinalSegLib.panel_choices import slicer_version_problem
+
+    return slicer_version_problem(slicer.app.majorVersion, slicer.app.minorVersion)
+
+
+def registerTerminology() -> bool:
+    """Load ParaspinalSeg's .term.json (once) so the nine segments show their standard names and codes.
+
+    Slicer's loader returns an empty name instead of raising on failure; the library checks it.
+    Returns False (and logs why) if the terminology is not available.
+    """
+    from ParaspinalSegLib.terminology import TerminologyError, ensure_terminology_loaded
+
+    try:
+        ensure_terminology_loaded(slicer.modules.terminologies.logic(), TERMINOLOGY_FILE)
+        return True
+    except (TerminologyError, AttributeError) as exc:  # a broken install must not stop Slicer's startup
+        logging.warning(f"ParaspinalSeg: {exc}")
+        return False
+
+
+_sampleDataRegistered = False
+
+
+def registerSampleData() -> None:
+    """Offer the shipped sample slice in the Sample Data module (category ParaspinalSeg), once."""
+    global _sampleDataRegistered
+    if _sampleDataRegistered:
         return
     try:
-        terminologiesLogic = slicer.modules.terminologies.logic()
-        terminologiesLogic.LoadTerminologyFromFile(str(TERMINOLOGY_FILE))
-    except Exception as exc:  # a broken install must not stop Slicer's startup
-        logging.warning(f"ParaspinalSeg: could not load terminology {TERMINOLOGY_FILE}: {exc}")
+        import SampleData
+    except ImportError:  # Sample Data module disabled
+        return
+    from ParaspinalSegLib import sample_data
+
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(**sample_data.registration_arguments())
+    _sampleDataRegistered = True
 
 
 #
@@ -180,6 +218,8 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._volumeProblem = ""  # why the input volume cannot be used (e.g. an RGB volume), "" if it can
         self._shownWeightsPath = None
         self._boxesShown = None
+        self._state = None  # ParaspinalSegLib.panel_state.PanelState: one task at a time
+        self._progressDialog = None
 
     def setup(self) -> None:
         """Called when the user opens the module the first time and the widget is initialized."""
@@ -195,6 +235,12 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = ParaspinalSegLogic()
+        from ParaspinalSegLib.panel_state import PanelState
+
+        self._state = PanelState(self._applyPanelView)
+        # Installed without a restart, the module missed startupCompleted(): register now.
+        registerTerminology()
+        registerSampleData()
 
         # These connections ensure that we update parameter node when scene is closed
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -202,6 +248,7 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         # Buttons
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.segmentSlicesButton.connect("clicked(bool)", self.onSegmentSlicesButton)
         self.ui.updateMeasurementsButton.connect("clicked(bool)", self.onUpdateMeasurementsButton)
         self.ui.exportCsvButton.connect("clicked(bool)", self.onExportCsvButton)
         self.ui.alignViewButton.connect("clicked(bool)", self.onAlignViewButton)
@@ -246,8 +293,11 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         # Select default input nodes if nothing is selected yet to save a few clicks for the user
         if not self._parameterNode.inputVolume:
-            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolumeNode and not firstVolumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+            from ParaspinalSegLib.panel_choices import default_input_volume
+
+            # Only a volume the selector lists (not an RGB, vector, DWI volume or labelmap).
+            firstVolumeNode = default_input_volume(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"))
+            if firstVolumeNode:
                 self._parameterNode.inputVolume = firstVolumeNode
 
         # A scene saved with another installation of the extension points at that installation's
@@ -283,15 +333,27 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return  # the parameter change calls this method again
         self._updateSliceInfo()
         self._updateModelInfo()
+        from ParaspinalSegLib.panel_state import refuse_reason
+
         node = self._parameterNode
+        view = self._state.view
+        # While a task runs nothing may start another or change its inputs (processEvents delivers clicks).
+        for widget in (self.ui.inputsCollapsibleButton, self.ui.outputsCollapsibleButton,
+                       self.ui.settingsCollapsibleButton, self.ui.advancedCollapsibleButton):
+            widget.enabled = view.actions_enabled
         self.ui.manualThresholdSpinBox.enabled = bool(node) and node.fatThresholdMethod == "manual"
-        problem = self._viewProblem()
+        problem = refuse_reason(view, self._viewProblem())
         self.ui.segmentButton.enabled = not problem
         self.ui.segmentButton.toolTip = problem or _("Segment slice {k} of {volume}").format(
             k=self._redView.k, volume=node.inputVolume.GetName())
-        self.ui.updateMeasurementsButton.enabled = not self._viewProblem(requireAligned=False)
+        stackProblem = refuse_reason(view, self._viewProblem(requireAligned=False, requireInside=False))
+        self.ui.segmentSlicesButton.enabled = not stackProblem
+        self.ui.segmentSlicesButton.toolTip = stackProblem or _(
+            "Segment the slices given on the right, one after the other (progress dialog with Cancel).")
+        self.ui.updateMeasurementsButton.enabled = not refuse_reason(view, self._viewProblem(requireAligned=False))
         tableNode = self.logic.measurementTable()
-        self.ui.exportCsvButton.enabled = tableNode is not None and tableNode.GetNumberOfRows() > 0
+        self.ui.exportCsvButton.enabled = (view.actions_enabled and tableNode is not None
+                                           and tableNode.GetNumberOfRows() > 0)
 
         # The checkbox shows/hides existing boxes at once, not only at the next segmentation.
         boxesState = (node.inputVolume.GetID(), node.showBoxes) if node and node.inputVolume else None
@@ -334,13 +396,21 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.sliceWarningLabel.visible = bool(warning)
         self.ui.alignViewButton.visible = bool(view) and not math.isnan(view.angle_deg) and not (view.aligned and view.inside)
 
-    def _viewProblem(self, requireAligned: bool = True) -> str:
-        """Why the Red view's slice cannot be segmented (or measured: ``requireAligned=False``); "" if it can."""
+    def _viewProblem(self, requireAligned: bool = True, requireInside: bool = True) -> str:
+        """Why the Red view's slice cannot be segmented (or measured: ``requireAligned=False``); "" if it can.
+
+        ``requireInside=False``: only the volume matters (multi-slice runs do not use the Red view's slice).
+        """
         node, view = self._parameterNode, self._redView
+        tooOld = versionProblem()
+        if tooOld:
+            return tooOld
         if not node or not node.inputVolume:
             return _("Select an input volume.")
         if self._volumeProblem:
             return self._volumeProblem
+        if not requireInside:
+            return ""
         if view is None:
             return _("There is no Red slice view in the current layout: choose a layout with the Red view.")
         if math.isnan(view.angle_deg):
@@ -360,62 +430,132 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._shownWeightsPath = node.weightsPath
         self.ui.modelInfoLabel.text = self.logic.modelInfo(node.weightsPath)
 
-    def onAlignViewButton(self) -> None:
-        """Rotate the Red view onto the volume's slices and show the volume in it."""
-        with slicer.util.tryWithErrorDisplay(_("Failed to align the Red view."), waitCursor=True):
-            self.logic.alignRedView(self._parameterNode.inputVolume)
+    #
+    # Panel state (ParaspinalSegLib.panel_state): one task at a time, status, progress dialog
+    #
+
+    def _applyPanelView(self, view) -> None:
+        """Show what the state machine says: status line, enabled buttons, progress dialog with Cancel."""
+        self.ui.statusLabel.text = view.status
+        if view.show_progress_dialog:
+            if self._progressDialog is None:
+                self._progressDialog = slicer.util.createProgressDialog(
+                    parent=slicer.util.mainWindow(), windowTitle=_("ParaspinalSeg"), labelText=view.status, maximum=0)
+                self._progressDialog.connect("canceled()", self._state.cancel)
+            done, total, label = view.progress or (0, 0, view.status)
+            self._progressDialog.maximum = total
+            self._progressDialog.value = done
+            self._progressDialog.labelText = label if not view.cancel_requested else _("Cancelling after this step…")
+        elif self._progressDialog is not None:
+            self._progressDialog.close()
+            self._progressDialog = None
         self._checkCanApply()
 
     #
-    # Buttons
+    # Buttons: each asks the state machine for a run (None: another task runs) and works inside it, so
+    # a failure resets the panel; tryWithErrorDisplay inside shows the message before the run ends.
     #
+
+    def onAlignViewButton(self) -> None:
+        """Rotate the Red view onto the volume's slices and show the volume in it."""
+        from ParaspinalSegLib.panel_state import Task
+
+        run = self._state.start(Task.ALIGN_VIEW, _("Aligning the Red view…"), failed=_("The Red view was not aligned."))
+        if run is None:
+            return
+        with run, slicer.util.tryWithErrorDisplay(_("Failed to align the Red view."), waitCursor=True):
+            self.logic.alignRedView(self._parameterNode.inputVolume)
+            run.succeed("")
 
     def onSegmentButton(self) -> None:
         """Run BS-ESNet on the Red view's slice and write segments, boxes and table rows."""
-        node = self._parameterNode
-        self.ui.statusLabel.text = ""
-        dependenciesReady = False
-        with slicer.util.tryWithErrorDisplay(_("Failed to install the Python packages ParaspinalSeg needs."),
-                                             waitCursor=False):
-            dependenciesReady = self._ensureDependencies()
-        if not dependenciesReady:
-            self.ui.statusLabel.text = _("Not segmented: PyTorch is needed to run the network.")
+        from ParaspinalSegLib.panel_state import Task
+
+        if self._state.busy or not self._ensureDependencies():
             return
-        succeeded = False
-        with slicer.util.tryWithErrorDisplay(_("Failed to segment the slice."), waitCursor=True):
+        registerTerminology()  # first use after the extension was installed without a restart
+        node = self._parameterNode
+        run = self._state.start(Task.SEGMENT_SLICE, _("Segmenting…"), failed=_("Segmentation failed; nothing was written."))
+        if run is None:
+            return
+        with run, slicer.util.tryWithErrorDisplay(_("Failed to segment the slice."), waitCursor=True):
             k = self._currentSliceIndex()
-            self.ui.statusLabel.text = _("Segmenting slice {k}…").format(k=k)
-            slicer.app.processEvents()  # show the status before the (short) blocking run
+            run.step(_("Segmenting slice {k}…").format(k=k))
+            slicer.app.processEvents()  # show the status before the blocking run (clicks meanwhile are refused)
             outcome = self.logic.segmentSlice(
                 node.inputVolume, k, segmentationNode=node.outputSegmentation, level=node.spinalLevel,
                 method=self._method(), device=node.device, weightsPath=node.weightsPath, showBoxes=node.showBoxes,
                 mirrorAveraging=node.mirrorAveraging)
             node.outputSegmentation = outcome.segmentation_node
             self.logic.showResults(outcome.segmentation_node, outcome.table_node)
-            self.ui.statusLabel.text = self.logic.describeOutcome(outcome)
-            succeeded = True
-        if not succeeded:
-            self.ui.statusLabel.text = _("Segmentation failed; nothing was written.")
-        self._checkCanApply()
+            self._rememberWeightsPath()
+            run.succeed(self.logic.describeOutcome(outcome))
+
+    def onSegmentSlicesButton(self) -> None:
+        """Segment the chosen slices one after the other; Cancel keeps the slices already finished."""
+        from ParaspinalSegLib.panel_choices import parse_slice_selection
+        from ParaspinalSegLib.panel_state import Task, run_steps
+
+        if self._state.busy or not self._ensureDependencies():
+            return
+        registerTerminology()
+        node = self._parameterNode
+        run = self._state.start(
+            Task.SEGMENT_SLICES, _("Segmenting slices…"),
+            failed=_("Stopped at a slice that failed; the slices finished before it are kept."),
+            cancelled=_("Cancelled after {done} of {total} slices; the finished slices are kept."))
+        if run is None:
+            return
+        with run, slicer.util.tryWithErrorDisplay(_("Failed to segment the slices."), waitCursor=False):
+            volumeNode = node.inputVolume
+            slices = parse_slice_selection(self.ui.sliceRangeLineEdit.text, volumeNode.GetImageData().GetDimensions()[2])
+            written = {"segmentation": node.outputSegmentation, "outcomes": []}
+
+            def segmentOne(k):
+                outcome = self.logic.segmentSlice(
+                    volumeNode, k, segmentationNode=written["segmentation"], level=node.spinalLevel,
+                    method=self._method(), device=node.device, weightsPath=node.weightsPath,
+                    showBoxes=node.showBoxes, mirrorAveraging=node.mirrorAveraging)
+                if not written["outcomes"]:  # show the results as soon as the first slice is in
+                    node.outputSegmentation = written["segmentation"] = outcome.segmentation_node
+                    self.logic.showResults(outcome.segmentation_node, outcome.table_node)
+                written["outcomes"].append(outcome)
+                return outcome
+
+            run_steps(run, slices, segmentOne,
+                      lambda k, n, total: _("Segmenting slice {k} ({n} of {total})…").format(k=k, n=n + 1, total=total),
+                      keep_events=slicer.app.processEvents)
+            self._rememberWeightsPath()
+            run.succeed(self.logic.describeOutcomes(written["outcomes"]))
 
     def onUpdateMeasurementsButton(self) -> None:
         """Recompute the Red view slice's rows from the segments as they are now."""
+        from ParaspinalSegLib.panel_state import Task
+
         node = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("Failed to update the measurements."), waitCursor=True):
+        run = self._state.start(Task.UPDATE_MEASUREMENTS, _("Updating the measurements…"),
+                                failed=_("The measurements were not updated."))
+        if run is None:
+            return
+        with run, slicer.util.tryWithErrorDisplay(_("Failed to update the measurements."), waitCursor=True):
             k = self._currentSliceIndex(requireAligned=False)
             # "(not recorded)" keeps the level recorded when the slice was segmented.
             tableNode = self.logic.updateMeasurements(
                 node.inputVolume, k, node.outputSegmentation, level=node.spinalLevel or None, method=self._method())
             self.logic.showResults(None, tableNode)
-            self.ui.statusLabel.text = _("Measurements of slice {k} updated from the current segments.").format(k=k)
-        self._checkCanApply()
+            run.succeed(_("Measurements of slice {k} updated from the current segments.").format(k=k))
 
     def onExportCsvButton(self) -> None:
         """Ask for a file name and write the input volume's measurement table as CSV."""
         import qt
 
+        from ParaspinalSegLib.panel_state import Task
+
         node = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("Failed to export the table."), waitCursor=False):
+        run = self._state.start(Task.EXPORT_CSV, _("Exporting the table…"), failed=_("The table was not exported."))
+        if run is None:
+            return
+        with run, slicer.util.tryWithErrorDisplay(_("Failed to export the table."), waitCursor=False):
             tableNode = self.logic.measurementTable()
             if tableNode is None or tableNode.GetNumberOfRows() == 0:
                 raise ValueError(_("There are no measurements yet: segment a slice first."))
@@ -424,9 +564,10 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             path = qt.QFileDialog.getSaveFileName(
                 slicer.util.mainWindow(), _("Export measurements"), suggested, _("CSV files (*.csv)"))
             if not path:
+                run.succeed("")
                 return
             written = self.logic.exportTableToCsv(tableNode, path)
-            self.ui.statusLabel.text = _("Table written to {path}").format(path=written)
+            run.succeed(_("Table written to {path}").format(path=written))
 
     #
     # Helpers
@@ -445,8 +586,21 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             raise ValueError(problem)
         return self._redView.k
 
+    def _rememberWeightsPath(self) -> None:
+        """Add a weights file the user chose to the path field's history (its settingKey stores it)."""
+        path = self._parameterNode.weightsPath
+        if path and path != DEFAULT_WEIGHTS_PATH:
+            self.ui.weightsPathLineEdit.addCurrentPathToHistory()
+
     def _ensureDependencies(self) -> bool:
-        """Install PyTorch (and the other requirements) after one confirmation; False if the user declined."""
+        """Install PyTorch (and the other requirements) after one confirmation; False if they are not usable."""
+        from ParaspinalSegLib.panel_state import Task, run_steps
+
+        problem = self.logic.torchVersionProblem()
+        if problem:  # an installed but too old PyTorch: say how to replace it (never replaced silently)
+            slicer.util.errorDisplay(problem, windowTitle=_("PyTorch too old"))
+            self._state.set_status(_("Not segmented: {problem}").format(problem=problem))
+            return False
         missing = self.logic.missingPackages()
         if not missing:
             return True
@@ -457,12 +611,22 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
               "Install now?").format(packages=", ".join(missing)),
             windowTitle=_("Install Python packages"),
         ):
+            self._state.set_status(_("Not segmented: PyTorch is needed to run the network."))
             return False
-        self.ui.statusLabel.text = _("Installing {packages}…").format(packages=", ".join(missing))
-        slicer.app.processEvents()
-        self.logic.installPackages(missing)
-        self.ui.statusLabel.text = ""
-        return True
+        run = self._state.start(
+            Task.INSTALL, _("Installing {packages}…").format(packages=", ".join(missing)),
+            failed=_("Installation failed; nothing was segmented."),
+            cancelled=_("Installation cancelled after {done} of {total} steps; nothing was segmented."))
+        if run is None:
+            return False
+        with run, slicer.util.tryWithErrorDisplay(_("Failed to install the Python packages ParaspinalSeg needs."),
+                                                  waitCursor=True):
+            run_steps(run, self.logic.installSteps(missing), lambda step: step[1](),
+                      lambda step, n, total: _("Installing: {what} (step {n} of {total})…").format(
+                          what=step[0], n=n + 1, total=total),
+                      keep_events=slicer.app.processEvents)
+            run.succeed("")
+        return self._state.last_error is None
 
     def onReload(self) -> None:
         """Reload the library's submodules too (developer mode), so edits to them take effect."""
@@ -510,36 +674,61 @@ class ParaspinalSegLogic(ScriptedLoadableModuleLogic):
         return [name for module, name in packages if importlib.util.find_spec(module) is None]
 
     @staticmethod
-    def installPackages(missing) -> None:
-        """Install ``missing`` packages without asking again (the caller asked once).
+    def torchVersionProblem() -> str:
+        """Why the installed PyTorch cannot be used ("" if it can, or if none is installed).
+
+        Reads the version from the package metadata, so nothing is imported (TotalSegmentator checks the
+        version the same way before use).
+        """
+        import importlib.metadata
+
+        from ParaspinalSegLib.panel_choices import torch_version_problem
+
+        try:
+            version = importlib.metadata.version("torch")
+        except importlib.metadata.PackageNotFoundError:
+            return ""
+        return torch_version_problem(version, TORCH_VERSION_REQUIREMENT.lstrip(">="))
+
+    def installSteps(self, missing) -> list:
+        """The install as (what, callable) steps, run in order without asking again (the caller asked once).
 
         PyTorch goes through the PyTorch extension (PyTorchUtils), which chooses the CPU or CUDA build;
-        the other requirements (Resources/requirements.txt) through slicer.packaging.pip_ensure, or
-        slicer.util.pip_install on Slicer versions without it.
+        the other requirements (Resources/requirements.txt) through slicer.packaging.pip_ensure (Slicer
+        5.12+), or slicer.util.pip_install on older versions. Never ``pip install`` this project into
+        Slicer's Python: its ``slicer-core`` dependency would install a second, top-level ``slicer``.
         """
+        steps = []
         if "torch" in missing:
-            try:
-                import PyTorchUtils
-            except ImportError:
-                PyTorchUtils = None
-            if PyTorchUtils is not None:
-                torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-                if not torchLogic.torchInstalled():
-                    torch = torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_VERSION_REQUIREMENT)
-                    if torch is None:
-                        raise RuntimeError(_("PyTorch could not be installed. Install it from the PyTorch Utils module, "
-                                             "restart Slicer and try again."))
-            else:
-                # The extension declares PyTorch as a dependency; this path is for development builds.
-                logging.warning("ParaspinalSeg: PyTorch extension not found; installing torch from PyPI")
-                slicer.util.pip_install(f"torch{TORCH_VERSION_REQUIREMENT}")
-        packaging = None
-        for moduleName in ("slicer.packaging", "slicer.pydeps"):
-            try:
-                packaging = importlib.import_module(moduleName)
-                break
-            except ImportError:
-                continue
+            steps.append(("PyTorch", self._installTorch))
+        steps.append((_("other requirements"), self._installRequirements))
+        steps.append((_("checking the installation"), self._checkTorchImport))
+        return steps
+
+    @staticmethod
+    def _installTorch() -> None:
+        try:
+            import PyTorchUtils
+        except ImportError:
+            PyTorchUtils = None
+        if PyTorchUtils is not None:
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if not torchLogic.torchInstalled():
+                torch = torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_VERSION_REQUIREMENT)
+                if torch is None:
+                    raise RuntimeError(_("PyTorch could not be installed. Install it from the PyTorch Utils module, "
+                                         "restart Slicer and try again."))
+        else:
+            # The extension declares PyTorch as a dependency; this path is for development builds.
+            logging.warning("ParaspinalSeg: PyTorch extension not found; installing torch from PyPI")
+            slicer.util.pip_install(f"torch{TORCH_VERSION_REQUIREMENT}")
+
+    @staticmethod
+    def _installRequirements() -> None:
+        try:
+            packaging = importlib.import_module("slicer.packaging")  # Slicer 5.12+
+        except ImportError:
+            packaging = None
         if packaging is not None and hasattr(packaging, "pip_ensure"):
             packaging.pip_ensure(packaging.load_requirements(str(REQUIREMENTS_FILE)),
                                  prompt_install=False, requester="ParaspinalSeg")
@@ -548,12 +737,23 @@ class ParaspinalSegLogic(ScriptedLoadableModuleLogic):
                             if line.strip() and not line.strip().startswith("#")]
             if requirements:
                 slicer.util.pip_install(" ".join(requirements))
+
+    @classmethod
+    def _checkTorchImport(cls) -> None:
         importlib.invalidate_caches()
         try:
             import torch  # noqa: F401  (check that the fresh install works)
         except Exception as exc:
             raise RuntimeError(_("PyTorch was installed but cannot be imported ({error}). Restart Slicer and try again.").format(
                 error=exc)) from exc
+        problem = cls.torchVersionProblem()
+        if problem:
+            raise RuntimeError(problem)
+
+    def installPackages(self, missing) -> None:
+        """Install ``missing`` packages in one go (scripts; the panel runs :meth:`installSteps` with progress)."""
+        for _what, step in self.installSteps(missing):
+            step()
 
     #
     # Model
@@ -654,6 +854,20 @@ class ParaspinalSegLogic(ScriptedLoadableModuleLogic):
         return workflow.describe_outcome(outcome)
 
     @staticmethod
+    def describeOutcomes(outcomes) -> str:
+        """Status line after a multi-slice run."""
+        from ParaspinalSegLib import workflow
+
+        if not outcomes:
+            return _("No slice was segmented.")
+        if len(outcomes) == 1:
+            return workflow.describe_outcome(outcomes[0])
+        seconds = sum(o.seconds.get("total", 0.0) for o in outcomes)
+        return _("Segmented {n} slices ({first}…{last}) of {volume} in {seconds:.1f} s; one table row per slice and "
+                 "structure.").format(n=len(outcomes), first=outcomes[0].k, last=outcomes[-1].k,
+                                      volume=outcomes[0].volume_name, seconds=seconds)
+
+    @staticmethod
     def updateMeasurements(volumeNode, k: int, segmentationNode=None, level: Optional[str] = None, method="auto"):
         """Recompute slice ``k``'s rows from the segments as edited (level None: keep it); returns the table."""
         from ParaspinalSegLib import workflow
@@ -699,13 +913,25 @@ class ParaspinalSegLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def showResults(segmentationNode=None, tableNode=None) -> None:
-        """Show the segmentation in the views and the table in the layout's table view."""
+        """Show the segmentation in the views and the table in a layout that has a table view and keeps the Red
+        view (ParaspinalSegLib.panel_choices.table_presentation: Slicer's own choice, as Segment Statistics
+        makes it, unless that would hide the Red view), with column titles (units) as headers."""
+        from ParaspinalSegLib.panel_choices import table_presentation
+
         if segmentationNode is not None:
             segmentationNode.CreateDefaultDisplayNodes()
             segmentationNode.SetDisplayVisibility(True)
-        if tableNode is not None and slicer.app.layoutManager() is not None:
-            slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(tableNode.GetID())
-            slicer.app.applicationLogic().PropagateTableSelection()
+        layoutManager = slicer.app.layoutManager()
+        if tableNode is None or layoutManager is None:
+            return
+        layoutNode = layoutManager.layoutLogic().GetLayoutNode()
+        choice = table_presentation(layoutManager.layout, tableNode.GetID(), layoutNode.GetLayoutDescription,
+                                    slicer.modules.tables.logic().GetLayoutWithTable)
+        if choice.change_layout:
+            layoutManager.setLayout(choice.layout)
+        tableNode.SetUseColumnTitleAsColumnHeader(choice.use_column_titles_as_headers)
+        slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(choice.table_id)
+        slicer.app.applicationLogic().PropagateTableSelection()
 
 
 #

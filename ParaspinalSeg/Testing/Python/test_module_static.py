@@ -250,7 +250,7 @@ def test_no_heavy_imports_at_module_level(module_tree):
         for sub in ast.walk(func)
         if isinstance(sub, ast.Import) and any(a.name == "torch" for a in sub.names)
     }
-    assert functions_importing_torch <= {"installPackages"}, functions_importing_torch
+    assert functions_importing_torch <= {"_checkTorchImport"}, functions_importing_torch
 
 
 def test_reloaded_library_modules_exist(module_tree):
@@ -387,4 +387,23 @@ def test_logic_delegates_to_the_library(module_tree):
                          "slice_geometry_from_volume(", "np.linalg", "remove_node("):
         assert library_only not in glue, f"{library_only} belongs in ParaspinalSegLib, not in ParaspinalSeg.py"
     module_functions = {n.name for n in module_tree.body if isinstance(n, ast.FunctionDef)}
-    assert module_functions == {"registerTerminology"}, module_functions
+    assert module_functions == {"versionProblem", "registerTerminology", "registerSampleData"}, module_functions
+
+
+def test_every_file_the_extension_metadata_names_exists():
+    """Icon and screenshot URLs point into this repository (raw GitHub, branch main): the files must be in
+    the tree; contributors follow the template's "Name (Organization)" form; the minimum Slicer is stated."""
+    text = EXTENSION_CMAKE.read_text(encoding="utf-8")
+    urls = cmake_set_value(text, "EXTENSION_ICONURL").split() + cmake_set_value(text, "EXTENSION_SCREENSHOTURLS").split()
+    assert len(urls) >= 2
+    for url in urls:
+        path = re.sub(r"^https://raw\.githubusercontent\.com/[^/]+/[^/]+/main/", "", url)
+        assert path != url and (REPO_ROOT / path).is_file(), f"{url} names a file not in the repository"
+        assert (REPO_ROOT / path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for contributor in cmake_set_value(text, "EXTENSION_CONTRIBUTORS").split(","):
+        assert re.fullmatch(r"\s*[^()]+ \([^()]+\)\s*", contributor), contributor
+    assert "5.8" in cmake_set_value(text, "EXTENSION_DESCRIPTION")
+    assert 'VERSION_LESS "5.8"' in text
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    for url in cmake_set_value(text, "EXTENSION_SCREENSHOTURLS").split():
+        assert url.rsplit("/", 1)[1] in readme  # shown (and captioned) in the README
