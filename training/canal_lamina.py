@@ -4,12 +4,14 @@ Rules on the anatomical frame of ``training.spine_frame`` (all lengths in mm) an
 
 * **canal** — the dural sac: CSF-bright with dark roots, just posterior to the disc on the midline.
   Bright = above ``bright_fraction`` of the way from the band's dark level to the CSF level sampled
-  behind the disc. Region growing from the bright pixel nearest the disc's posterior midline point;
+  behind the disc. Region growing from the bright component that fills most of the space behind the
+  disc on the midline (seeded at its pixel nearest the disc's posterior midline point);
   an opening of radius ``opening_mm`` cuts the thin bright strips that join it (anterior and foraminal
   epidural fat) and keeps the sac; columns of the frame whose depth is under ``column_depth_fraction``
   of the deepest are trimmed (the same strips where they are thick); the sac is the convex hull of what
   remains plus the dark roots inside it (the dura is a smooth convex-ish tube at disc level), cut
-  posterior to the last roots when bright posterior epidural fat hangs on behind them.
+  posterior to the last roots when bright posterior epidural fat hangs on behind them, and in front of
+  the first posterior row clearly brighter than the sac's CSF (that fat is brighter than CSF on FSE).
 * **lamina** — the posterior arch (laminae, spinous process, articular processes) as one segment: the
   band pixels that are not bright (bone cortex is dark, marrow intermediate; fat, CSF and joint fluid
   bright), posterior to the canal's centre, medial to the multifidi on the rows they occupy and within
@@ -45,6 +47,10 @@ class DerivationParams:
     opening_mm: float = 3.5
     #: Frame columns (1 mm wide) shallower than this fraction of the deepest are not sac.
     column_depth_fraction: float = 0.25
+    #: A dural sac is 15–20 mm wide at disc level; wider than this means epidural fat is still attached.
+    max_width_mm: float = 24.0
+    #: A posterior canal row brighter than its CSF by this fraction of (CSF − dark) is epidural fat.
+    fat_margin: float = 0.3
     #: Canal search region: |u| below this, v from -2 mm to min(multifidus front + 5 mm, this).
     canal_halfwidth_mm: float = 14.0
     canal_depth_mm: float = 30.0
@@ -53,6 +59,8 @@ class DerivationParams:
     seed_j: Optional[int] = None
     #: Lamina components smaller than this (mm²) are dropped; bright holes smaller than ``lamina_hole_mm2`` filled.
     lamina_min_mm2: float = 4.0
+    #: Opening radius that removes thin dark strands (fascia, vessel walls) from the arch.
+    lamina_opening_mm: float = 0.8
     lamina_hole_mm2: float = 6.0
 
     def with_overrides(self, overrides: Mapping[str, str]) -> "DerivationParams":
@@ -133,30 +141,40 @@ def derive_canal(image: np.ndarray, band: np.ndarray, frame: SpineFrame, p: Deri
     csf, dark = np.percentile(s[core], 95), np.percentile(s[roi], 30)
     threshold = float(dark + p.bright_fraction * (csf - dark))
     bright = roi & (s > threshold)
+    lab, _ = ndi.label(bright)
     if p.seed_i is not None and p.seed_j is not None:
         seed = (int(p.seed_i), int(p.seed_j))
     else:
-        cand = bright & (np.abs(u) < 4.0)
-        if not cand.any():
+        # The bright component that fills most of the space just behind the disc (not a speck on its border),
+        # seeded at its pixel nearest the disc's posterior midline point.
+        overlap = np.bincount(lab[core & bright], minlength=lab.max() + 1)
+        overlap[0] = 0
+        if overlap.max() == 0:
             return np.zeros_like(band), threshold, (-1, -1)
-        seed = np.unravel_index(int(np.argmin(np.where(cand, u ** 2 + v ** 2, np.inf))), u.shape)
-    lab, _ = ndi.label(bright)
+        best = lab == int(np.argmax(overlap))
+        seed = np.unravel_index(int(np.argmin(np.where(best, u ** 2 + v ** 2, np.inf))), u.shape)
     if lab[seed] == 0:
         return np.zeros_like(band), threshold, tuple(int(x) for x in seed)
     filled = ndi.binary_fill_holes(lab == lab[seed])
-    opened = ndi.binary_opening(filled, _disk(max(int(round(p.opening_mm / mm)), 1)))
+    radius = max(int(round(p.opening_mm / mm)), 1)
+    opened = ndi.binary_opening(filled, _disk(radius))
     parts, n = ndi.label(opened)
     if n == 0:
         parts, n = ndi.label(filled)
     nearest = ndi.distance_transform_edt(parts == 0, return_indices=True)[1]
     kept = parts == parts[nearest[0][seed], nearest[1][seed]]
-    radius = max(int(round(p.opening_mm / mm)), 1)
     sac = ndi.binary_dilation(kept, _disk(1), iterations=radius, mask=filled)
-    # Trim frame columns much shallower than the deepest (thick epidural fat strips along the disc).
+    # Trim frame columns much shallower than the deepest (thick epidural fat strips along the disc); a sac
+    # wider than ``max_width_mm`` still carries such strips, so the trim tightens step by step.
     col = np.round(u).astype(int)
     c0 = int(col[sac].min())
     depth = np.bincount(col[sac] - c0) * frame.pixel_area_mm2
-    lo, hi = _keep_run(depth >= p.column_depth_fraction * depth.max(), int(np.argmax(depth)))
+    fraction = p.column_depth_fraction
+    while True:
+        lo, hi = _keep_run(depth >= fraction * depth.max(), int(np.argmax(depth)))
+        if hi - lo + 1 <= p.max_width_mm or fraction >= 0.6:
+            break
+        fraction += 0.05
     sac &= (col - c0 >= lo) & (col - c0 <= hi)
     hull = _convex_hull(sac) & band
     # Roots: dark blobs mostly inside the hull, in its posterior half (they settle dependently).
@@ -172,7 +190,27 @@ def derive_canal(image: np.ndarray, band: np.ndarray, frame: SpineFrame, p: Deri
     v_roots = v[roots & (np.abs(u) < 8.0)]
     if v_roots.size and v[canal].max() > v_roots.max() + 3.0:
         canal &= v <= v_roots.max() + 1.0  # bright posterior epidural fat behind the roots
+    canal = _cut_posterior_fat(canal, s, v, dark, p.fat_margin)
     return canal, threshold, tuple(int(x) for x in seed)
+
+
+def _cut_posterior_fat(canal: np.ndarray, s: np.ndarray, v: np.ndarray, dark: float, margin: float) -> np.ndarray:
+    """Cut the canal in front of the first 1-mm row, in its posterior half, clearly brighter than its CSF.
+
+    Posterior epidural fat (the triangle between the ligamenta flava) is brighter than CSF on these fast
+    spin-echo images; where no dark root row separates the two, it hangs on the back of the sac.
+    """
+    if not canal.any():
+        return canal
+    v_lo, v_hi = float(v[canal].min()), float(v[canal].max())
+    v_mid = (v_lo + v_hi) / 2
+    csf = float(np.median(s[canal & (v < v_mid)]))
+    limit = csf + margin * max(csf - dark, 1.0)
+    for v0 in np.arange(v_mid, v_hi, 1.0):
+        row = canal & (v >= v0) & (v < v0 + 1.0)
+        if row.sum() >= 3 and np.median(s[row]) > limit:
+            return canal & (v < v0)
+    return canal
 
 
 def derive_lamina(image: np.ndarray, labels: np.ndarray, canal: np.ndarray, frame: SpineFrame, threshold: float, p: DerivationParams) -> np.ndarray:
@@ -184,26 +222,31 @@ def derive_lamina(image: np.ndarray, labels: np.ndarray, canal: np.ndarray, fram
     s = ndi.gaussian_filter(np.asarray(image, np.float64), 0.7)
     v_front = float(v[canal].mean()) if canal.any() else 5.0
     region = band & ~canal & (v > v_front) & (v < frame.multifidus_back_mm)
-    # Medial to the multifidi on their rows (1 mm bins of v), within their reach in front of them.
+    # Medial to the multifidi on their rows (1 mm bins of v, from 3 mm behind each one's front); in front of them, within the lateral reach of
+    # each multifidus's anterior 10 mm (the facet joints lie on the multifidi's front ends).
     mf_l, mf_r = labels == MULTIFIDUS_LEFT, labels == MULTIFIDUS_RIGHT
     vb = np.floor(v).astype(int)
-    lim_l = np.full(vb.max() - vb.min() + 1, frame.multifidus_reach_mm)
-    lim_r = lim_l.copy()
     b0 = int(vb.min())
-    np.minimum.at(lim_l, vb[mf_l] - b0, u[mf_l])
-    np.minimum.at(lim_r, vb[mf_r] - b0, -u[mf_r])
-    region &= (u < lim_l[vb - b0]) & (-u < lim_r[vb - b0])
+    limits = []
+    for mf, side in ((mf_l, 1.0), (mf_r, -1.0)):
+        front = mf & (v < float(v[mf].min()) + 10.0)
+        lim = np.full(vb.max() - b0 + 1, float((side * u[front]).max()))
+        behind = mf & (v >= float(v[mf].min()) + 3.0)  # the arch's back may bulge into the muscle's curved front
+        np.minimum.at(lim, vb[behind] - b0, side * u[behind])
+        limits.append(lim[vb - b0])
+    region &= (u < limits[0]) & (-u < limits[1])
     arch = region & (s <= threshold)
     holes = ndi.binary_fill_holes(arch) & ~arch
     lab, n = ndi.label(holes)
     if n:
         sizes = ndi.sum(np.ones_like(lab), lab, index=np.arange(1, n + 1)) * frame.pixel_area_mm2
         arch |= np.isin(lab, np.flatnonzero(sizes < p.lamina_hole_mm2) + 1) & region
-    arch = ndi.binary_opening(arch, _disk(1))
+    arch = ndi.binary_opening(arch, _disk(max(int(round(p.lamina_opening_mm / np.sqrt(frame.pixel_area_mm2))), 1)))
     lab, n = ndi.label(arch)
     if n:
         sizes = ndi.sum(np.ones_like(lab), lab, index=np.arange(1, n + 1)) * frame.pixel_area_mm2
-        arch = np.isin(lab, np.flatnonzero(sizes >= p.lamina_min_mm2) + 1)
+        keep = (sizes >= p.lamina_min_mm2) & (sizes >= 0.1 * sizes.max())
+        arch = np.isin(lab, np.flatnonzero(keep) + 1)
     return arch
 
 

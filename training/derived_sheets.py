@@ -78,8 +78,8 @@ def _label_tile(tile: np.ndarray, text: str) -> np.ndarray:
 
 
 def write_sheets(derived_folder: Path, out: Path, per_sheet: int = 24, columns: int = 6, size: int = 256,
-                 crop_mm: float = 80.0) -> list[Path]:
-    """Render every slice of a derived folder into contact sheets; returns the PNG paths."""
+                 crop_mm: float = 80.0, cases: Optional[Sequence[str]] = None) -> list[Path]:
+    """Render every slice (or the ``cases`` listed) of a derived folder into contact sheets; returns the PNG paths."""
     import nibabel as nib
     from PIL import Image
 
@@ -88,6 +88,11 @@ def write_sheets(derived_folder: Path, out: Path, per_sheet: int = 24, columns: 
         raise FileNotFoundError(f"{derived_folder} has no manifest.csv (run python -m training.derive_labels first)")
     with open(manifest, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
+    if cases:
+        missing = sorted(set(cases) - {r["case_id"] for r in rows})
+        if missing:
+            raise FileNotFoundError(f"{derived_folder}/manifest.csv has no slice {', '.join(missing)}")
+        rows = [r for r in rows if r["case_id"] in set(cases)]
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for start in range(0, len(rows), per_sheet):
@@ -119,10 +124,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--per-sheet", type=int, default=24)
     ap.add_argument("--columns", type=int, default=6)
     ap.add_argument("--tile", type=int, default=256, help="tile size in pixels")
-    ap.add_argument("--crop-mm", type=float, default=80.0, help="field of view of a tile in mm")
+    ap.add_argument("--crop-mm", type=float, default=80.0, help="field of view of a tile in mm (e.g. 45 to look at the canal)")
+    ap.add_argument("--cases", nargs="+", default=None, help="only these slices (case_id), e.g. to look again at corrected ones")
     args = ap.parse_args(argv)
     try:
-        paths = write_sheets(Path(args.derived), Path(args.out), args.per_sheet, args.columns, args.tile, args.crop_mm)
+        paths = write_sheets(Path(args.derived), Path(args.out), args.per_sheet, args.columns, args.tile, args.crop_mm, args.cases)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -29,8 +29,13 @@ def _ellipse(x, y, cx, cy, ax, ay):
     return ((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2 <= 1
 
 
-def canal_phantom(seed: int = 0, angle_deg: float = 0.0, canal_axes: tuple[float, float] = (9.0, 6.0)) -> Phantom:
-    """The phantom, optionally rotated in-plane by ``angle_deg`` about the disc's posterior midline point."""
+def canal_phantom(seed: int = 0, angle_deg: float = 0.0, canal_axes: tuple[float, float] = (9.0, 6.0),
+                  fat_triangle: bool = False) -> Phantom:
+    """The phantom, optionally rotated in-plane by ``angle_deg`` about the disc's posterior midline point.
+
+    ``fat_triangle``: posterior epidural fat (brighter than CSF) joined to the back of the sac with no root
+    row between them, as on many real slices; it is neither canal nor arch.
+    """
     rng = np.random.default_rng(seed)
     ii, jj = np.meshgrid(np.arange(SIZE) * SPACING, np.arange(SIZE) * SPACING, indexing="ij")
     cx, cy = SIZE * SPACING / 2, 40.0  # disc's posterior border on the midline
@@ -45,10 +50,17 @@ def canal_phantom(seed: int = 0, angle_deg: float = 0.0, canal_axes: tuple[float
     roots = np.zeros_like(canal)
     for u0 in (-4.5, -1.5, 1.5, 4.5):
         roots |= _ellipse(x, y, u0, 2 * ay - 1.2, 0.8, 0.8)
+    if fat_triangle:  # the roots then lie in the middle of the sac, not on its back wall
+        roots = np.zeros_like(canal)
+        for u0 in (-3.0, 0.0, 3.0):
+            roots |= _ellipse(x, y, u0, ay + 0.5, 0.8, 0.8)
     roots &= canal
     centre = ay + 0.5
     ring = _ellipse(x, y, 0, centre, ax + 1.0, ay + 1.0) & ~canal & (y < centre)
     arch = ((np.abs(x) < 18) & (y >= centre) & (y < centre + 15) & ~canal) | ((np.abs(x) < 3) & (y >= centre + 15) & (y < 52))
+    back = 2 * ay + 0.5
+    triangle = (y >= back - 1.5) & (y < back + 6) & (np.abs(x) < 0.7 * (back + 6 - y)) & ~canal if fat_triangle else np.zeros_like(canal)
+    arch &= ~triangle
     structures = (
         (1, _ellipse(x, y, 0, -14, 22, 14), 60),
         (4, _ellipse(x, y, 28, -2, 7, 8), 70),
@@ -72,7 +84,8 @@ def canal_phantom(seed: int = 0, angle_deg: float = 0.0, canal_axes: tuple[float
     free = labels == 255
     image[free & arch] = 90.0
     image[free & ring] = 40.0
-    image[free & canal] = 225.0
+    image[free & canal] = 200.0  # CSF: a little darker than fat on fast spin echo
+    image[free & triangle] = 250.0
     image[free & roots] = 40.0
     image += rng.normal(0, 3, image.shape)
     return Phantom(image=image.astype(np.float32), labels=labels, canal=canal & free, lamina=arch & free & ~drawn)

@@ -33,6 +33,13 @@ def test_phantom_canal_and_arch_areas_within_5_percent(angle, axes):
     assert f["canal_mm2"] == pytest.approx(np.pi * axes[0] * axes[1], rel=0.05)
 
 
+def test_posterior_epidural_fat_joined_to_the_sac_is_cut_off():
+    p = canal_phantom(seed=5, fat_triangle=True)
+    d = derive_slice(p.image, p.labels, p.spacing)
+    assert d.canal.sum() == pytest.approx(p.canal.sum(), rel=0.05)
+    assert d.lamina.sum() == pytest.approx(p.lamina.sum(), rel=0.05)
+
+
 def test_derivation_stays_inside_the_band_and_burn_in_touches_only_it():
     p = canal_phantom(seed=2)
     d = derive_slice(p.image, p.labels, p.spacing)
