@@ -106,6 +106,7 @@ def write_sheets(derived_folder: Path, out: Path, per_sheet: int = 24, columns: 
                        float(row.get("spacing_y_mm") or img.header.get_zooms()[1]))
             tile = render_tile(image, labels, derived, spacing, crop_mm=crop_mm, size=size)
             tiles.append(_label_tile(tile, f"{row['case_id']} {row.get('derived_review', '')[:4]}"))
+        columns = min(columns, len(tiles))
         while len(tiles) % columns:
             tiles.append(np.zeros_like(tiles[0]))
         grid = [np.concatenate(tiles[k:k + columns], axis=1) for k in range(0, len(tiles), columns)]

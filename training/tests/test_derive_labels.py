@@ -119,6 +119,28 @@ def test_manifest_trusts_2_and_3_only_on_reviewed_accepted_slices(tmp_path):
     assert "DERIVED" in (out / "README.md").read_text()
 
 
+def test_report_counts_trusted_slices_and_lists_every_slice(tmp_path):
+    from training.derived_report import main as report_main, plausibility
+
+    src, out = tmp_path / "src", tmp_path / "derived"
+    _write_source(src)
+    review = tmp_path / "review.csv"
+    write_review(review, {"PH000_s0": ReviewEntry("accepted"), "PH001_s0": ReviewEntry("corrected", "seed", {"opening_mm": "3"}),
+                          "PH002_s0": ReviewEntry("rejected", "leak")})
+    assert derive_main(["--data", str(src), "--out", str(out), "--review", str(review)]) == 0
+    with open(out / "derived_metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    p = plausibility(rows)
+    assert p["trusted"] == 2 and p["decisions"] == {"accepted": 1, "corrected": 1, "rejected": 1}
+    assert p["canal_found"] == 3 and p["lamina_behind_all"] == 2
+    assert np.all(p["canal_mm2"] == pytest.approx(np.pi * 9 * 6, rel=0.05))
+    md = tmp_path / "r.md"
+    assert report_main(["--derived", str(out), "--out", str(md)]) == 0
+    text = md.read_text()
+    assert all(f"| PH00{k}_s0 |" in text for k in range(3)) and "`opening_mm=3`" in text and "leak" in text
+    assert report_main(["--derived", str(tmp_path / "none")]) == 2
+
+
 def test_bad_inputs_exit_2_and_write_nothing(tmp_path, capsys):
     assert derive_main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == EXIT_BAD_INPUT
     assert "manifest.csv" in capsys.readouterr().err
