@@ -70,17 +70,30 @@ class BatchItem:
     level: str = ""
     #: Why the row cannot be run at all (bad slice text), found while reading the list.
     problem: str = ""
+    #: Dixon images of the row (paths; blank = none): water and fat, or a fat-fraction map.
+    water_image: str = ""
+    fat_image: str = ""
+    fat_fraction_map: str = ""
+
+    def dixon_paths(self) -> tuple[str, str, str]:
+        return self.water_image, self.fat_image, self.fat_fraction_map
 
 
 _HEADER_WORDS = {"volume", "path", "file", "image", "volume_path", "filename"}
 _SLICE_WORDS = {"slice", "k", "slice_index", "index"}
+#: Header names of the optional Dixon columns (without a header: columns 4 and 5 are water and fat).
+_DIXON_COLUMNS = {"water_image": ("water", "water_image", "water image"), "fat_image": ("fat", "fat_image", "fat image"),
+                  "fat_fraction_map": ("fat_fraction_map", "fat fraction map", "ff", "ff_map", "pdff")}
 
 
 def read_batch_list(path: str | os.PathLike) -> list[BatchItem]:
-    """Rows of a batch CSV: ``volume path, slice, level`` (header optional; ``#`` lines and blanks skipped).
+    """Rows of a batch CSV: ``volume path, slice, level[, water, fat]`` (header optional; ``#`` lines and
+    blanks skipped).
 
-    Relative volume paths are taken relative to the CSV's folder. A blank slice means "single-slice
-    volume". A slice that is not a whole number is recorded as the row's problem (the run goes on).
+    Relative paths are taken relative to the CSV's folder. A blank slice means "single-slice volume". A
+    slice that is not a whole number is recorded as the row's problem (the run goes on). Dixon images per
+    row: columns 4 and 5 (water, fat), or, with a header, columns named ``water``/``water_image``,
+    ``fat``/``fat_image`` and ``fat_fraction_map`` (any order after the first three).
     """
     p = Path(path)
     if not p.is_file():
@@ -95,6 +108,12 @@ def read_batch_list(path: str | os.PathLike) -> list[BatchItem]:
         dialect = csv.excel
     items: list[BatchItem] = []
     first = True
+    dixon_index: dict[str, Optional[int]] = {"water_image": 3, "fat_image": 4}
+
+    def path_cell(cells: list[str], i: Optional[int]) -> str:
+        text = cells[i] if i is not None and i < len(cells) else ""
+        return str(p.parent / text) if text and not os.path.isabs(text) else text
+
     for line_no, cells in enumerate(csv.reader(text.splitlines(), dialect), start=1):
         cells = [c.strip() for c in cells]
         if not cells or not any(cells) or cells[0].startswith("#"):
@@ -102,13 +121,17 @@ def read_batch_list(path: str | os.PathLike) -> list[BatchItem]:
         if first:
             first = False
             if _is_header(cells):
+                names = [c.lower() for c in cells]
+                dixon_index = {field: next((i for i, n in enumerate(names) if n in words), None)
+                               for field, words in _DIXON_COLUMNS.items()}
                 continue
         volume = cells[0]
         if volume and not os.path.isabs(volume):
             volume = str((p.parent / volume))
         slice_text = cells[1] if len(cells) > 1 else ""
         level = cells[2] if len(cells) > 2 else ""
-        item = BatchItem(row=line_no, volume=volume, slice_index=None, level=level)
+        item = BatchItem(row=line_no, volume=volume, slice_index=None, level=level,
+                         **{field: path_cell(cells, i) for field, i in dixon_index.items()})
         if slice_text:
             try:
                 item.slice_index = int(slice_text)
@@ -403,7 +426,7 @@ class BatchSummary:
 
 
 def _run_row(run: BatchRun, row: RowState, segmenter: Any, threshold_method: Any,
-             read: Callable[[str], Volume]) -> SegmentOutputs:
+             read: Callable[[str], Volume], session: Any = None, dixon: Any = None) -> SegmentOutputs:
     """Segment one row into its staged folder, move the folder in and record the row as done.
 
     An interrupt while the row works drops it (the staging folder goes); from the move on it is held
@@ -423,15 +446,16 @@ def _run_row(run: BatchRun, row: RowState, segmenter: Any, threshold_method: Any
         folder.mkdir()
         scratch = stage.path(".scratch")
         scratch.mkdir()
-        outcome, _, write_s = write_slice_outputs(volume, k, folder, scratch, segmenter, name=name, level=level,
-                                                  threshold_method=threshold_method, validated=True)
+        outcome, _, parts = write_slice_outputs(volume, k, folder, scratch, segmenter, name=name, level=level,
+                                                threshold_method=threshold_method, validated=True, session=session,
+                                                dixon=dixon(item) if dixon is not None else None)
         final = run.out / row.folder
         files = output_paths(final, name)
         with deferred():
             stage.commit()
             row.status, row.error, row.table = "done", "", str(Path(row.folder) / files["measurements"].name)
             run.save()
-    return outputs_record(outcome, name, k, level, final, files, t0, write_s)
+    return outputs_record(outcome, name, k, level, final, files, t0, parts)
 
 
 #: Errors of the output file system, not of a row: every further row would fail the same way.
@@ -475,9 +499,26 @@ def _reason(exc: Exception) -> str:
     return reason
 
 
-def execute_run(run: BatchRun, segmenter: Any, *, threshold_method: Any = "auto", progress: bool = True) -> BatchSummary:
-    """Run every row of ``run`` not done yet; the combined files and record are rewritten after each."""
+def execute_run(run: BatchRun, segmenter: Any, *, threshold_method: Any = "auto", progress: bool = True,
+                dixon_defaults: Sequence[str] = ("", "", ""), dixon_noise_floor: Optional[float] = None) -> BatchSummary:
+    """Run every row of ``run`` not done yet; the combined files and record are rewritten after each.
+
+    One headless MRML scene serves every row (cleared between rows). ``dixon_defaults`` (water, fat,
+    fat-fraction map paths) are the Dixon images of rows whose list names none.
+    """
     from tqdm import tqdm
+
+    from .dixon import source_from_paths
+    from .headless import SceneSession
+
+    dixon_cache: dict[tuple[str, ...], Any] = {}
+
+    def dixon(item: BatchItem) -> Any:
+        paths = item.dixon_paths() if any(item.dixon_paths()) else tuple(dixon_defaults)
+        if paths not in dixon_cache:  # only images that were read are kept: a failure is retried by the next row
+            dixon_cache.clear()
+            dixon_cache[paths] = source_from_paths(*paths, noise_floor=dixon_noise_floor if any(paths) else None)
+        return dixon_cache[paths]
 
     t0 = time.perf_counter()
     succeeded: list[SegmentOutputs] = []
@@ -490,12 +531,13 @@ def execute_run(run: BatchRun, segmenter: Any, *, threshold_method: Any = "auto"
         return cached[path]
 
     todo = [r for r in run.rows if r.status != "done"]
+    session = SceneSession()
     try:
         for row in tqdm(todo, desc="segmenting", unit="slice", disable=not progress, leave=False):
             raise_pending()
             row.status, row.error, row.table = "pending", "", ""
             try:
-                succeeded.append(_run_row(run, row, segmenter, threshold_method, read))
+                succeeded.append(_run_row(run, row, segmenter, threshold_method, read, session, dixon))
                 continue
             except OSError as exc:
                 if _output_failed(exc, run.out):
@@ -515,6 +557,8 @@ def execute_run(run: BatchRun, segmenter: Any, *, threshold_method: Any = "auto"
                       f"{COMBINED_MEASUREMENTS}, {ERRORS_CSV} and {RUN_RECORD} in {run.out} describe them; "
                       "continue with --resume")
         raise
+    finally:
+        session.close()
     run.state = "finished"
     run.save()
     failed = [(r.item, r.error) for r in run.rows if r.status == "failed"]
@@ -541,12 +585,15 @@ def run_batch(
     progress: bool = True,
     overwrite: bool = False,
     resume: bool = False,
+    dixon_defaults: Sequence[str] = ("", "", ""),
+    dixon_noise_floor: Optional[float] = None,
 ) -> BatchSummary:
     """Segment every row with one loaded ``segmenter`` into ``out_dir`` (lock, checks, rows; see the module)."""
     with FolderLock(out_dir):
         run = prepare_run(list(items), out_dir, run_settings(segmenter, threshold_method=threshold_method),
                           overwrite=overwrite, resume=resume)
-        return execute_run(run, segmenter, threshold_method=threshold_method, progress=progress)
+        return execute_run(run, segmenter, threshold_method=threshold_method, progress=progress,
+                           dixon_defaults=dixon_defaults, dixon_noise_floor=dixon_noise_floor)
 
 
 def run_batch_file(
@@ -561,6 +608,8 @@ def run_batch_file(
     mirror_tta: bool = True,
     overwrite: bool = False,
     resume: bool = False,
+    dixon_defaults: Sequence[str] = ("", "", ""),
+    dixon_noise_floor: Optional[float] = None,
 ) -> BatchSummary:
     """``paraspinalseg batch``: read the list, take the folder, check it, load the model once, run the rows.
 
@@ -577,7 +626,8 @@ def run_batch_file(
         t0 = time.perf_counter()
         segmenter = load_segmenter(weights, device, threads, mirror_tta)
         load_s = time.perf_counter() - t0
-        summary = execute_run(run, segmenter, threshold_method=threshold_method, progress=progress)
+        summary = execute_run(run, segmenter, threshold_method=threshold_method, progress=progress,
+                              dixon_defaults=dixon_defaults, dixon_noise_floor=dixon_noise_floor)
     summary.model_load_seconds = load_s
     summary.seconds += load_s
     return summary

@@ -25,7 +25,7 @@ import sys
 from typing import Any, Optional, Sequence
 
 from . import __version__, interrupts
-from .errors import Interrupted, OutputFolderLockedError, ParaspinalSegError
+from .errors import InputError, Interrupted, OutputFolderLockedError, ParaspinalSegError
 
 PROG = "paraspinalseg"
 
@@ -75,6 +75,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    "about half the network time, slightly lower accuracy, no longer exactly left-right consistent")
 
 
+def _add_dixon_options(p: argparse.ArgumentParser, note: str = "") -> None:
+    from .dixon import add_arguments  # numpy only at import: --help stays light
+
+    add_arguments(p, note)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command (``measure`` only when ``cli_measure`` imports)."""
     parser = argparse.ArgumentParser(
@@ -96,12 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--slice", type=int, default=None, metavar="K", dest="slice",
                      help="slice index k (0-based, the volume's third voxel index, as in Slicer); "
                      "optional for single-slice volumes")
+    seg.add_argument("--slices", default=None, metavar="SPEC",
+                     help="whole-stack mode: all, A-B or K1,K2,... (0-based, inclusive ranges); writes one "
+                     "segmentation, label volume, box file and table (one row per slice x structure) plus one "
+                     "overlay per slice")
+    seg.add_argument("--batch-size", type=int, default=1, metavar="N",
+                     help="with --slices: slices per network pass (worth raising on CUDA; default 1)")
     seg.add_argument("--level", default="", metavar="L",
                      help="spinal level written to the table, e.g. L4/L5 (free text, default blank)")
     seg.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     seg.add_argument("--overwrite", action="store_true",
                      help="replace this volume's outputs if they exist in DIR (default: refuse, write nothing)")
     _add_model_options(seg)
+    _add_dixon_options(seg)
     seg.set_defaults(func=_run_segment)
 
     bat = sub.add_parser(
@@ -122,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--overwrite", action="store_true",
                        help="start a new run in a DIR that holds outputs, replacing them (default: refuse)")
     _add_model_options(bat)
+    _add_dixon_options(bat, "; for batch: the images of rows whose list names none (list columns 4-5 or "
+                       "water/fat/fat_fraction_map headers give them per row)")
     bat.add_argument("--no-progress", action="store_true", help="no progress bar")
     bat.set_defaults(func=_run_batch)
 
@@ -145,7 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_segment(args: argparse.Namespace) -> int:
     from . import batch
+    from .dixon import source_from_args
 
+    if args.slices is not None:
+        return _run_stack(args)
+    if args.batch_size != 1:
+        raise InputError("--batch-size needs --slices (whole-stack mode)")
     out = batch.segment_file(
         args.volume,
         args.slice,
@@ -157,7 +177,41 @@ def _run_segment(args: argparse.Namespace) -> int:
         threads=args.threads,
         mirror_tta=args.mirror_tta,
         overwrite=args.overwrite,
+        dixon=source_from_args(args),
     )
+    print(out.describe())
+    return 0
+
+
+def _run_stack(args: argparse.Namespace) -> int:
+    """``segment VOLUME --slices SPEC``: check everything, load the model once, segment the slices."""
+    import time
+
+    from . import batch
+    from .dixon import source_from_args
+    from .stack import parse_slices
+    from .stack_outputs import check_stack_outputs, segment_stack_to_folder
+    from .volume_io import read_volume
+
+    if args.slice is not None:
+        raise InputError("give either --slice K or --slices SPEC, not both")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    t0 = time.perf_counter()
+    volume = read_volume(args.volume)
+    ks = parse_slices(args.slices, volume.num_slices)
+    for k in ks:  # every slice checked before the model loads
+        batch.check_slice(volume, k)
+    if not args.overwrite:
+        check_stack_outputs(volume, ks, args.out)
+    dixon = source_from_args(args)
+    t_load = time.perf_counter()
+    segmenter = batch.load_segmenter(args.weights, args.device, args.threads, args.mirror_tta)
+    load_s = time.perf_counter() - t_load
+    out = segment_stack_to_folder(volume, ks, args.out, segmenter, level=args.level,
+                                  threshold_method=args.threshold_method, dixon=dixon, batch_size=args.batch_size,
+                                  overwrite=args.overwrite)
+    out.seconds.update(model_load=load_s, total=time.perf_counter() - t0)
     print(out.describe())
     return 0
 
@@ -176,6 +230,8 @@ def _run_batch(args: argparse.Namespace) -> int:
         mirror_tta=args.mirror_tta,
         overwrite=args.overwrite,
         resume=args.resume,
+        dixon_defaults=(args.water_image or "", args.fat_image or "", args.fat_fraction_map or ""),
+        dixon_noise_floor=args.dixon_noise_floor,
     )
     print(summary.describe())
     # Bad rows are reported in errors.csv; the run counts as failed (bad input) only when no row worked.

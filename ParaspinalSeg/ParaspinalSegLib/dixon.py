@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import numpy as np
-from scipy import ndimage
 
 from .errors import InputError
 
@@ -191,6 +190,8 @@ def sample_onto_slice(image: DixonImage, shape: tuple[int, int], slice_ijk_to_ra
     inside = np.all((kji >= -half) & (kji <= extent + half), axis=0)
     if not inside.any():
         raise InputError(f"{_label(image)} does not overlap the segmented slice")
+    from scipy import ndimage  # here, so the command line's --help does not load scipy
+
     values = ndimage.map_coordinates(arr.astype(np.float64), np.clip(kji, 0, extent), order=1, mode="nearest")
     values[~inside] = np.nan
     return values.reshape(n0, n1), inside.reshape(n0, n1), True
@@ -235,13 +236,13 @@ def dixon_source_from_nodes(water_node=None, fat_node=None, fat_fraction_node=No
 # Command line (segment, batch, measure)
 
 
-def add_arguments(parser) -> None:
-    """The Dixon options of ``segment``, ``batch`` and ``measure``."""
+def add_arguments(parser, note: str = "") -> None:
+    """The Dixon options of ``segment``, ``batch`` and ``measure`` (``note`` is added to the group text)."""
     g = parser.add_argument_group(
         "Dixon fat fraction",
         "Water and fat images (or a fat-fraction map) of the same slices add a 'Dixon fat fraction (%)' column: "
         "mean F/(W+F) per muscle over pixels with W+F above the noise floor. Images on another grid are "
-        "sampled onto the segmented slices (trilinear); images that do not overlap them are refused.")
+        "sampled onto the segmented slices (trilinear); images that do not overlap them are refused" + note + ".")
     g.add_argument("--water-image", metavar="W", default=None, help="Dixon water image (NIfTI, NRRD or DICOM folder)")
     g.add_argument("--fat-image", metavar="F", default=None, help="Dixon fat image of the same slices")
     g.add_argument("--fat-fraction-map", metavar="M", default=None,

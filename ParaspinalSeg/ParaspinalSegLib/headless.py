@@ -153,3 +153,45 @@ def slicer_shims(scene: Any, app_logic: Any) -> Iterator[Any]:
         yield scene
     finally:
         restore()
+
+
+class SceneSession:
+    """One headless MRML scene for many slices (a batch): created on first use, cleared between slices.
+
+    Building a scene and its module logics for every slice cost more than the slice's own scene work;
+    :meth:`clear` removes every node the slice added (``Clear(0)`` keeps the singletons: colour tables,
+    selection and interaction nodes), so each slice starts from the same empty scene. The remote-cache
+    folder is private to the session and removed by :meth:`close` (or leaving the ``with`` block).
+    """
+
+    def __init__(self) -> None:
+        self._scene: Any = None
+        self._app_logic: Any = None
+        self._cache: Optional[tempfile.TemporaryDirectory] = None
+
+    def scene(self) -> Any:
+        """The session's scene (created on the first call)."""
+        if self._scene is None:
+            self._cache = tempfile.TemporaryDirectory(prefix="paraspinalseg-mrml-cache-")
+            self._scene, self._app_logic = create_headless_scene(cache_dir=self._cache.name)
+        return self._scene
+
+    def clear(self) -> None:
+        """Remove every node a slice added; the scene and its logics stay for the next slice."""
+        if self._scene is not None:
+            self._scene.Clear(0)
+
+    def close(self) -> None:
+        """Clear the scene completely and drop it (a later :meth:`scene` call makes a new one)."""
+        if self._scene is not None:
+            self._scene.Clear(1)
+        self._scene = self._app_logic = None
+        if self._cache is not None:
+            self._cache.cleanup()
+            self._cache = None
+
+    def __enter__(self) -> "SceneSession":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -164,25 +164,35 @@ def write_boxes_file(roi_nodes: Sequence[Any], path: str | os.PathLike, scratch:
 
 
 def _segment_in_headless_scene(volume: Volume, k: int, segmenter: Any, level: str, threshold_method: Any,
-                               paths: dict[str, Path], scratch: Path, validated: bool) -> Any:
+                               paths: dict[str, Path], scratch: Path, validated: bool, *, session: Any = None,
+                               dixon: Any = None) -> tuple[Any, dict[str, float]]:
     """Segment and write segmentation, boxes and table through the Slicer button's own code path
-    (:func:`workflow.segment_slice_into_scene`) on a headless MRML scene; return its outcome."""
+    (:func:`workflow.segment_slice_into_scene`) on a headless MRML scene; return its outcome and the seconds
+    spent on the scene itself (``scene``: volume node, clearing) and on these files (``files``).
+
+    ``session``: a :class:`headless.SceneSession` whose scene is reused and cleared afterwards (a batch
+    passes one for all its rows); None makes a scene for this call only."""
     from . import scene as writers
-    from .headless import create_headless_scene
+    from .headless import SceneSession
     from .workflow import segment_slice_into_scene
 
     import vtk
 
-    mrml, app_logic = create_headless_scene(cache_dir=scratch / "mrml-cache")
+    own = session is None
+    session = SceneSession() if own else session
+    t0 = time.perf_counter()
+    mrml = session.scene()
     # A failing VTK writer logs its own lines; the command reports the failure once, as an OSError.
     shown = vtk.vtkObject.GetGlobalWarningDisplay()
     vtk.vtkObject.GlobalWarningDisplayOff()
     try:
         volume_node = _add_volume_node(mrml, volume)
+        t1 = time.perf_counter()
         outcome = segment_slice_into_scene(
             mrml, volume_node, k, segmenter, level=level, method=threshold_method, volume_ijk_to_ras=volume.ijk_to_ras,
-            validated=validated,
+            validated=validated, dixon=dixon,
         )
+        t2 = time.perf_counter()
         segmentation = outcome.segmentation_node
         storage = segmentation.CreateDefaultStorageNode()
         mrml.AddNode(storage)
@@ -192,11 +202,13 @@ def _segment_in_headless_scene(volume: Volume, k: int, segmenter: Any, level: st
         rois = outcome.box_nodes
         write_boxes_file([rois[v] for v in sorted(rois)], paths["boxes"], scratch)
         writers.table_to_csv(outcome.table_node, paths["measurements"])
+        t3 = time.perf_counter()
     finally:
         vtk.vtkObject.SetGlobalWarningDisplay(shown)
-        mrml.Clear(1)
-        del app_logic
-    return outcome
+        t_clear = time.perf_counter()
+        session.close() if own else session.clear()
+        t_end = time.perf_counter()
+    return outcome, {"scene": (t1 - t0) + (t_end - t_clear), "files": t3 - t2}
 
 
 def write_slice_outputs(
@@ -210,16 +222,20 @@ def write_slice_outputs(
     level: str = "",
     threshold_method: Any = "auto",
     validated: bool = False,
-) -> tuple[Any, dict[str, Path], float]:
+    session: Any = None,
+    dixon: Any = None,
+) -> tuple[Any, dict[str, Path], dict[str, float]]:
     """Segment slice ``k`` and write the five outputs into ``folder`` (a staging folder: nothing else is
     there); ``scratch`` is a private folder for intermediate files. ``validated``: the caller already ran
-    :func:`check_slice` on slice ``k`` (the content is checked once). Returns ``(outcome, paths, seconds
-    spent writing the label volume and overlay)``."""
+    :func:`check_slice` on slice ``k`` (the content is checked once). ``session``: a
+    :class:`headless.SceneSession` to reuse; ``dixon``: a :class:`~ParaspinalSegLib.dixon.DixonSource` for the
+    Dixon fat-fraction column. Returns ``(outcome, paths, seconds spent on the scene and on the files)``."""
     from .overlay import save_overlay
     from .preprocessing import slice_geometry_from_volume
 
     paths = output_paths(folder, name)
-    outcome = _segment_in_headless_scene(volume, k, segmenter, level, threshold_method, paths, scratch, validated)
+    outcome, parts = _segment_in_headless_scene(volume, k, segmenter, level, threshold_method, paths, scratch,
+                                                validated, session=session, dixon=dixon)
     result = outcome.result
     t_write = time.perf_counter()
     labels = np.zeros(volume.array.shape, np.uint8)
@@ -228,12 +244,19 @@ def write_slice_outputs(
     title = f"{name}\nslice {k}" + (f", {level}" if level else "")
     save_overlay(paths["overlay"], volume.array[k], result.labels, slice_geometry_from_volume(volume.ijk_to_ras, k),
                  result.boxes, title=title)
-    return outcome, paths, time.perf_counter() - t_write
+    parts["files"] += time.perf_counter() - t_write
+    return outcome, paths, parts
 
 
 def outputs_record(outcome: Any, name: str, k: int, level: str, out: Path, files: dict[str, Path],
-                    t0: float, write_s: float) -> SegmentOutputs:
+                    t0: float, parts: dict[str, float]) -> SegmentOutputs:
+    """The :class:`SegmentOutputs` of a slice; ``seconds`` break the time into ``network`` (the segmenter
+    call), ``fit`` (fat threshold and measurements), ``scene`` (MRML nodes) and ``files`` (the outputs,
+    staging and placing included), plus ``write`` (= fit + scene + files) and ``total``."""
     result = outcome.result
+    total = time.perf_counter() - t0
+    network, fit = outcome.seconds["segment"], outcome.seconds["measure"]
+    scene_s = outcome.seconds["write"] + parts["scene"]
     return SegmentOutputs(
         volume_name=name,
         slice_index=k,
@@ -245,9 +268,13 @@ def outputs_record(outcome: Any, name: str, k: int, level: str, out: Path, files
         device=str(result.device),
         model_version=str(result.model_version),
         seconds={
-            "network": outcome.seconds["segment"],
-            "write": outcome.seconds["measure"] + outcome.seconds["write"] + write_s,
-            "total": time.perf_counter() - t0,
+            "network": network,
+            "fit": fit,
+            "scene": scene_s,
+            # The rest of the call: the five files, staging and placing them.
+            "files": max(total - network - fit - scene_s, parts["files"]),
+            "write": total - network,
+            "total": total,
         },
     )
 
@@ -263,6 +290,7 @@ def segment_volume_to_folder(
     name: Optional[str] = None,
     overwrite: bool = False,
     validated: bool = False,
+    dixon: Any = None,
 ) -> SegmentOutputs:
     """Segment slice ``k`` of ``volume`` with a loaded ``SliceSegmenter`` and write the five outputs.
 
@@ -270,7 +298,8 @@ def segment_volume_to_folder(
     volume's name), made safe for a file name. Raises :class:`InputError` for unusable input and
     :class:`~ParaspinalSegLib.errors.OutputExistsError` when an output exists and ``overwrite`` is
     false; in every failure the output folder is left as it was. ``validated``: the caller already ran
-    :func:`check_slice` on slice ``k``.
+    :func:`check_slice` on slice ``k``. ``dixon``: a :class:`~ParaspinalSegLib.dixon.DixonSource` for the
+    Dixon fat-fraction column.
     """
     t0 = time.perf_counter()
     k = resolve_slice(volume, k)  # the content is checked by the scene workflow (or was by the caller)
@@ -282,12 +311,12 @@ def segment_volume_to_folder(
     with StagedOutputs(out, overwrite=overwrite) as stage:
         scratch = stage.path(".scratch")
         scratch.mkdir()
-        outcome, staged, write_s = write_slice_outputs(
+        outcome, staged, parts = write_slice_outputs(
             volume, k, stage.staging, scratch, segmenter, name=name, level=level, threshold_method=threshold_method,
-            validated=validated,
+            validated=validated, dixon=dixon,
         )
         stage.commit()
-    return outputs_record(outcome, name, k, level, out, output_paths(out, name), t0, write_s)
+    return outputs_record(outcome, name, k, level, out, output_paths(out, name), t0, parts)
 
 
 def default_threads() -> int:
@@ -330,8 +359,10 @@ def segment_file(
     segmenter: Any = None,
     mirror_tta: bool = True,
     overwrite: bool = False,
+    dixon: Any = None,
 ) -> SegmentOutputs:
     """``paraspinalseg segment``: read the volume, check the slice, load the model, write the outputs.
+    ``dixon``: a :class:`~ParaspinalSegLib.dixon.DixonSource` (or None) for the Dixon fat-fraction column.
 
     The volume, the slice and the output names are checked before the (slow) model load, so bad input
     and existing outputs (without ``overwrite``) fail at once.
@@ -350,7 +381,7 @@ def segment_file(
     load_s = time.perf_counter() - t_load
     outputs = segment_volume_to_folder(
         volume, k, out_dir, segmenter, level=level, threshold_method=threshold_method, overwrite=overwrite,
-        validated=True,
+        validated=True, dixon=dixon,
     )
     outputs.seconds["model_load"] = load_s
     outputs.seconds["total"] = time.perf_counter() - t0
