@@ -863,9 +863,13 @@ class ParaspinalSegLogic(ScriptedLoadableModuleLogic):
         if len(outcomes) == 1:
             return workflow.describe_outcome(outcomes[0])
         seconds = sum(o.seconds.get("total", 0.0) for o in outcomes)
-        return _("Segmented {n} slices ({first}…{last}) of {volume} in {seconds:.1f} s; one table row per slice and "
+        text = _("Segmented {n} slices ({first}…{last}) of {volume} in {seconds:.1f} s; one table row per slice and "
                  "structure.").format(n=len(outcomes), first=outcomes[0].k, last=outcomes[-1].k,
                                       volume=outcomes[0].volume_name, seconds=seconds)
+        flagged = [o.k for o in outcomes if o.qc is not None and not o.qc.ok]
+        if flagged:
+            text += " " + _("QC: check slices {slices} (see the QC column).").format(slices=", ".join(map(str, flagged)))
+        return text
 
     @staticmethod
     def updateMeasurements(volumeNode, k: int, segmentationNode=None, level: Optional[str] = None, method="auto"):

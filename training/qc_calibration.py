@@ -80,16 +80,6 @@ def slice_dice(pred: np.ndarray, r: SliceRecord, learned: Sequence[int]) -> Opti
     return float(np.mean(scores)) if scores else None
 
 
-def qc_of(res: Any, image: np.ndarray, m: np.ndarray) -> qc.QCReport:
-    """The QC report of one :class:`SliceResult` (raw labels and probabilities where the result has them)."""
-    return qc.run_checks(
-        res.labels, image, m,
-        raw_labels=getattr(res, "raw_labels", None),
-        max_probability=getattr(res, "max_probability", None),
-        confidence=res.confidence, box_iou=res.box_agreement, structures_learned=res.structures_learned,
-    )
-
-
 def _row(kind: str, fold: Any, r: SliceRecord, d: Optional[float], report: qc.QCReport) -> dict[str, Any]:
     return {"kind": kind, "fold": fold, "case_id": r.case_id, "mean_dice": "" if d is None else round(d, 4),
             "flagged": int(not report.ok), "flags": " | ".join(f"{f.value}:{f.reason}" for f in report.flags)}
@@ -106,7 +96,7 @@ def held_out_rows(cv_dir: Path, records: Sequence[SliceRecord], k: int, segmente
         for i in idx:
             r = records[i]
             res = seg.segment(r.image, r.slice_ijk_to_ras)
-            rows.append(_row("held-out", fold, r, slice_dice(res.labels, r, res.structures_learned), qc_of(res, r.image, r.slice_ijk_to_ras)))
+            rows.append(_row("held-out", fold, r, slice_dice(res.labels, r, res.structures_learned), qc.check_result(res, r.image, r.slice_ijk_to_ras)))
     return rows
 
 
@@ -156,7 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows = []
         for r in records:
             res = seg.segment(r.image, r.slice_ijk_to_ras)
-            rows.append(_row("dev", "", r, slice_dice(res.labels, r, res.structures_learned), qc_of(res, r.image, r.slice_ijk_to_ras)))
+            rows.append(_row("dev", "", r, slice_dice(res.labels, r, res.structures_learned), qc.check_result(res, r.image, r.slice_ijk_to_ras)))
         good_kind = "dev"
     for i, r in enumerate(records[:: args.every]):
         for kind, image, m in broken_inputs(r, seed=i):
@@ -165,7 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             except InputError as exc:  # refused before segmenting: caught, with its message
                 rows.append(_row(kind, "", r, None, qc.QCReport([qc.QCFlag(None, "refused", str(exc))])))
                 continue
-            rows.append(_row(kind, "", r, None, qc_of(res, image, m)))
+            rows.append(_row(kind, "", r, None, qc.check_result(res, image, m)))
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "qc_slices.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -413,6 +413,11 @@ class BatchSummary:
                  f"  combined table: {self.measurements_csv.name} ({self.rows_done} rows' tables)"]
         if self.failed:
             lines.append(f"  failed rows and reasons: {self.errors_csv.name}")
+        if self.succeeded:
+            flagged = sum(o.qc_flagged for o in self.succeeded)
+            scope = " of this run's" if self.resumed_done else ""
+            lines.append(f"  qc: {flagged}{scope} of {len(self.succeeded)} slices flagged for a second look"
+                         + (" (QC column of the table)" if flagged else ""))
         per = [o.seconds.get("total", 0.0) for o in self.succeeded]
         device = self.succeeded[0].device if self.succeeded else "-"
         timing = f"device {device}; {self.seconds:.2f} s in all (model load {self.model_load_seconds:.2f} s"

@@ -92,6 +92,7 @@ def measure_files(
     ``dixon``: a :class:`~ParaspinalSegLib.dixon.DixonSource` for the Dixon fat-fraction column."""
     from .scene import slice_position_mm
     from .preprocessing import pixel_spacing, slice_geometry_from_volume
+    from .qc import run_checks, with_qc
     from .volume_io import itk_image_like, read_volume, volume_name
 
     # The same reader as `segment`: NIfTI/NRRD/DICOM folders, scalar 2-D/3-D volumes, clear errors.
@@ -117,7 +118,9 @@ def measure_files(
     for k in ks:
         geometry = slice_geometry_from_volume(volume.ijk_to_ras, k)
         fraction = None if dixon is None else dixon.fraction_map(image[k].shape, geometry).fraction
-        recs = measure_slice(image[k], labels[k], spacing, method, fat_fraction=fraction)
+        # A segmentation from a file has no probabilities or detector boxes: layout, shape and image checks.
+        recs = with_qc(measure_slice(image[k], labels[k], spacing, method, fat_fraction=fraction),
+                       run_checks(labels[k], image[k], geometry))
         for r in recs:
             rows.append(
                 {
@@ -135,6 +138,7 @@ def measure_files(
                     "threshold": r.threshold,
                     "method": r.method,
                     "stenosis_grade": r.stenosis_grade or "",
+                    "qc": r.qc,
                     "model_version": "",  # a segmentation from a file: which model (if any) drew it is unknown
                     "pixel_count": r.pixel_count,
                     "mean_intensity": r.mean_intensity,

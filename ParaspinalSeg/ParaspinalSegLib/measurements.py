@@ -97,6 +97,8 @@ class StructureMeasurement:
     method: str
     #: Canal only: central stenosis grade from the dural-sac CSA (:mod:`.stenosis`); None for other rows.
     stenosis_grade: Optional[str] = None
+    #: Quality control of the row's structure (:mod:`.qc`): ``ok`` or ``check: reason; …``; "" = not checked.
+    qc: str = ""
     #: Muscles only, when Dixon images were given: mean signal fat fraction F / (W + F) in % (:mod:`.dixon`).
     dixon_fat_fraction_percent: Optional[float] = None
 

@@ -16,7 +16,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -29,6 +29,8 @@ from .preprocessing import canonical_orientation, normalise_intensity, pixel_spa
 MIN_DISPLAY_SIZE = 512
 #: Opacity of the tint inside each structure (contours are opaque).
 FILL_OPACITY = 0.18
+#: Frame and legend colour of a structure that quality control flags.
+FLAG_RGB = np.array([255, 40, 40], dtype=np.uint8)
 LEGEND_WIDTH = 250
 _BACKGROUND = (0, 0, 0)
 _TEXT = (235, 235, 235)
@@ -90,6 +92,7 @@ def render_overlay(
     title: str = "",
     legend: bool = True,
     min_size: int = MIN_DISPLAY_SIZE,
+    flagged: Iterable[int] = (),
 ) -> np.ndarray:
     """Draw the slice with each structure's contour (and box) in radiological display; returns RGB uint8.
 
@@ -97,7 +100,8 @@ def render_overlay(
     ``slice_ijk_to_ras`` the slice's 4×4 geometry (see ``docs/api-contract.md``), ``boxes`` maps a
     label value to a ``StructureBox`` (uses ``.pixel``) or to ``(p0, q0, p1, q1)`` edge coordinates on
     the input grid. With ``legend`` a panel on the right shows ``title`` (up to three lines) and names
-    every structure (dimmed when absent).
+    every structure (dimmed when absent). ``flagged`` structures (quality control asks for a second look)
+    get a red frame around their mask and "check" in the legend.
     """
     img = np.asarray(image)
     lab = np.asarray(labels)
@@ -145,10 +149,18 @@ def render_overlay(
         _draw_rectangle(out, r0 * scale[0], c0 * scale[1], r1 * scale[0], c1 * scale[1],
                         _rgb255(anatomy.BY_VALUE[value].color))
 
+    flagged_set = {int(v) for v in flagged}
+    for st in present:
+        if st.value not in flagged_set:
+            continue
+        rows, cols = objects[st.value - 1]
+        for grow in (2, 3):  # a 2-pixel red frame just outside the mask's box
+            _draw_rectangle(out, rows.start - grow, cols.start - grow, rows.stop + grow, cols.stop + grow, FLAG_RGB)
+
     if not legend:
         return out
     found = {st.value for st in present}
-    return _add_legend(out, found, title)
+    return _add_legend(out, found, title, flagged_set)
 
 
 def _draw_rectangle(rgb: np.ndarray, y0: float, x0: float, y1: float, x1: float, colour: np.ndarray) -> None:
@@ -177,7 +189,7 @@ def _load_font(size: int):
         return ImageFont.load_default()
 
 
-def _add_legend(picture: np.ndarray, found: set[int], title: str) -> np.ndarray:
+def _add_legend(picture: np.ndarray, found: set[int], title: str, flagged: set[int] = frozenset()) -> np.ndarray:
     """Append a legend panel on the right (names with Pillow, swatches only without) and side letters."""
     h, w = picture.shape[:2]
     row_h = 20
@@ -204,7 +216,10 @@ def _add_legend(picture: np.ndarray, found: set[int], title: str) -> np.ndarray:
     for i, st in enumerate(anatomy.STRUCTURES):
         y = y_first + i * row_h
         name = st.name if st.value in found else f"{st.name} (not found)"
-        draw.text((w + 28, y + 1), name, fill=_TEXT if st.value in found else _DIM_TEXT, font=font)
+        if st.value in flagged:
+            name += " - check"
+        fill = tuple(int(c) for c in FLAG_RGB) if st.value in flagged else (_TEXT if st.value in found else _DIM_TEXT)
+        draw.text((w + 28, y + 1), name, fill=fill, font=font)
     y_note = y_first + anatomy.NUM_STRUCTURES * row_h + 10
     draw.text((w + 10, y_note), "patient right on the left", fill=_DIM_TEXT, font=font)
     draw.text((w + 10, y_note + row_h), "anterior at the top", fill=_DIM_TEXT, font=font)
@@ -262,6 +277,7 @@ def save_overlay(
     boxes: Optional[Mapping[int, Any]] = None,
     *,
     title: str = "",
+    flagged: Iterable[int] = (),
 ) -> Path:
     """Render :func:`render_overlay` and write it as PNG at ``path``; returns the path."""
-    return write_png(render_overlay(image, labels, slice_ijk_to_ras, boxes, title=title), path)
+    return write_png(render_overlay(image, labels, slice_ijk_to_ras, boxes, title=title, flagged=flagged), path)

@@ -28,8 +28,8 @@ numpy + scipy only, so the Slicer module can run the checks without scikit-image
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -46,6 +46,8 @@ __all__ = [
     "check_shape",
     "check_confidence",
     "check_image",
+    "check_result",
+    "with_qc",
     "image_statistics",
     "run_checks",
     "structure_centroids_ras",
@@ -416,3 +418,21 @@ def run_checks(
     if box_iou:
         report.flags += check_box_agreement(box_iou, thresholds)
     return report
+
+
+def check_result(result: Any, image: np.ndarray, slice_ijk_to_ras: np.ndarray,
+                 thresholds: QCThresholds = QCThresholds()) -> QCReport:
+    """All checks on a :class:`~ParaspinalSegLib.segmenter.SliceResult` of ``image`` (what the network gave:
+    raw labels, probabilities, detector boxes, confidence)."""
+    return run_checks(
+        result.labels, image, slice_ijk_to_ras,
+        raw_labels=getattr(result, "raw_labels", None),
+        max_probability=getattr(result, "max_probability", None),
+        confidence=result.confidence, box_iou=result.box_agreement,
+        structures_learned=result.structures_learned, thresholds=thresholds,
+    )
+
+
+def with_qc(records: Sequence[Any], report: QCReport) -> list[Any]:
+    """Measurement records (dataclasses with ``value`` and ``qc``) with their ``QC`` cells filled in."""
+    return [replace(r, qc=report.cell(r.value)) for r in records]

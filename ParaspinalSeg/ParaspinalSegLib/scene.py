@@ -694,6 +694,9 @@ COLUMNS: tuple[Column, ...] = (
     Column("stenosis_grade", "Stenosis grade", "string", "", "Central stenosis grade (dural-sac CSA)",
            "Canal row only: normal (CSA >= 100 mm2), relative (75 to 100 mm2) or absolute (< 75 mm2) stenosis "
            "(Schonstrom 1985, Hamanishi 1994); an area grade on a disc-level slice, not a Schizas grade"),
+    Column("qc", "QC", "string", "", "Quality control",
+           "ok, or check: why this segment needs another look (plausibility checks without ground truth; "
+           "docs/quality-control.md)"),
     Column("model_version", "Model version", "string", "", "Model version", "Segmentation model that produced the segments"),
     # Identifies the volume when two share a name (two series named alike) or one is renamed; it means
     # nothing outside the scene, so CSV exports leave it out.
@@ -703,7 +706,7 @@ COLUMN_BY_FIELD = {c.field: c for c in COLUMNS}
 #: Columns of CSV exports (the node ID is scene-internal).
 CSV_COLUMNS: tuple[Column, ...] = tuple(c for c in COLUMNS if c.field != "volume_id")
 
-_MEASUREMENT_FIELDS = ("csa_mm2", "functional_csa_mm2", "fat_percent", "threshold", "method", "stenosis_grade", "dixon_fat_fraction_percent", "found")
+_MEASUREMENT_FIELDS = ("csa_mm2", "functional_csa_mm2", "fat_percent", "threshold", "method", "stenosis_grade", "dixon_fat_fraction_percent", "qc", "found")
 
 
 def _new_array(kind: str):
@@ -798,6 +801,7 @@ def _normalise_row(row: Any, volume: str, slice_index: int, level: str, model_ve
         "dixon_fat_fraction_percent": _optional_float(_get(row, "dixon_fat_fraction_percent"),
                                                       f"Dixon fat fraction of {s.name}"),
         "stenosis_grade": str(_get(row, "stenosis_grade", "") or ""),
+        "qc": str(_get(row, "qc", "") or ""),
         "model_version": str(_get(row, "model_version", None) or model_version or ""),
     }
     for name in ("csa_mm2", "functional_csa_mm2"):

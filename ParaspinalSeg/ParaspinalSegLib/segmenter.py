@@ -81,6 +81,10 @@ class SliceResult:
     model_version: str
     #: Seconds per step: ``prepare``, ``network``, ``map_back``, ``postprocess``.
     timings: dict[str, float] = field(default_factory=dict)
+    #: Per-pixel maximum class probability on the input grid (quality checks: uncertain pixels).
+    max_probability: Optional[np.ndarray] = None
+    #: Labels before largest-component cleaning (quality checks: fragmentation); ``labels`` when not cleaned.
+    raw_labels: Optional[np.ndarray] = None
 
     @property
     def mask_boxes(self) -> dict[int, StructureBox]:
@@ -226,12 +230,14 @@ class SliceSegmenter:
         labels = self._channel_values[index_t.numpy()]
         t3 = time.perf_counter()
 
+        raw_labels = labels
         if self.keep_largest:
             # Cleaned in the canonical (patient-fixed) orientation so that a tie between equal islands
             # is broken the same way whether the file stores the slice as LPS, RAS or transposed.
             canonical = to_canonical(labels, grid.orientation)
             labels = from_canonical(keep_largest_component(canonical, self.structures_learned), grid.orientation)
         result = self._describe(labels, max_prob, det, grid)
+        result.max_probability, result.raw_labels = max_prob, raw_labels  # for the quality checks
         t4 = time.perf_counter()
         result.timings = {"prepare": prepare_s, "network": network_s, "map_back": t3 - t2, "postprocess": t4 - t3}
         result.seconds = prepare_s + network_s + t4 - t2

@@ -63,6 +63,9 @@ class SegmentOutputs:
     model_version: str
     #: Seconds: ``network`` (segmenter call), ``write`` (all outputs), ``total`` (this call).
     seconds: dict[str, float] = field(default_factory=dict)
+    #: The quality-control line (``QC: ok`` or what to check) and whether anything was flagged.
+    qc_summary: str = ""
+    qc_flagged: bool = False
 
     def describe(self) -> str:
         """A few lines for the terminal: what was found, where the files are, device and time."""
@@ -74,6 +77,8 @@ class SegmentOutputs:
         ]
         if self.missing:
             lines.append("not found: " + ", ".join(anatomy.BY_VALUE[v].name for v in self.missing))
+        if self.qc_summary:
+            lines.append(self.qc_summary + ("" if not self.qc_flagged else " (QC column of the table)"))
         lines.append(f"outputs in {self.out_dir}:")
         lines += [f"  {p.name}" for p in self.files.values()]
         s = self.seconds
@@ -242,8 +247,9 @@ def write_slice_outputs(
     labels[k] = result.labels
     write_label_volume(labels, volume, paths["labels"])
     title = f"{name}\nslice {k}" + (f", {level}" if level else "")
+    flagged = outcome.qc.flagged_values if outcome.qc is not None else []
     save_overlay(paths["overlay"], volume.array[k], result.labels, slice_geometry_from_volume(volume.ijk_to_ras, k),
-                 result.boxes, title=title)
+                 result.boxes, title=title, flagged=flagged)
     parts["files"] += time.perf_counter() - t_write
     return outcome, paths, parts
 
@@ -267,6 +273,8 @@ def outputs_record(outcome: Any, name: str, k: int, level: str, out: Path, files
         missing=list(result.missing),
         device=str(result.device),
         model_version=str(result.model_version),
+        qc_summary=outcome.qc.summary() if outcome.qc is not None else "",
+        qc_flagged=outcome.qc is not None and not outcome.qc.ok,
         seconds={
             "network": network,
             "fit": fit,

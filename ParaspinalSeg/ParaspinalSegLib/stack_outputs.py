@@ -57,12 +57,16 @@ class StackOutputs:
     device: str
     model_version: str
     seconds: dict[str, float] = field(default_factory=dict)
+    #: Slices that quality control flagged for a second look.
+    qc_flagged: list[int] = field(default_factory=list)
 
     def describe(self) -> str:
         n = len(self.slices)
         counts = [len(v) for v in self.found.values()]
         lines = [f"{n} slices of {self.volume_name} segmented ({self.slices[0]}..{self.slices[-1]}); "
                  f"structures found per slice: {min(counts)}-{max(counts)}",
+                 f"QC: {len(self.qc_flagged)} of {n} slices flagged"
+                 + (f" (slices {', '.join(map(str, self.qc_flagged))}; QC column of the table)" if self.qc_flagged else ""),
                  f"outputs in {self.out_dir}:"]
         lines += [f"  {p.name}" for p in self.files.values()]
         lines.append(f"  {len(self.overlays)} overlay pictures ({self.overlays[0].name} ...)")
@@ -126,6 +130,7 @@ def segment_stack_to_folder(
     if not overwrite:
         check_no_existing(stack_output_paths(out, name, ks))
     found: dict[int, list[int]] = {}
+    qc_flagged: list[int] = []
     with StagedOutputs(out, overwrite=overwrite) as staged, SceneSession() as session:
         stage = staged.staging
         assert stage is not None
@@ -156,7 +161,10 @@ def segment_stack_to_folder(
                     stage / overlay_name(name, k), volume.array[k], result.labels,
                     slice_geometry_from_volume(volume.ijk_to_ras, k), result.boxes,
                     title=f"{name}\nslice {k}" + (f", {level}" if level else ""),
+                    flagged=outcome.qc.flagged_values if outcome.qc is not None else (),
                 ))
+                if outcome.qc is not None and not outcome.qc.ok:
+                    qc_flagged.append(k)
             assert outcome is not None
             segmentation = outcome.segmentation_node
             storage = segmentation.CreateDefaultStorageNode()
@@ -176,5 +184,5 @@ def segment_stack_to_folder(
         volume_name=name, slices=ks, level=level, out_dir=out.resolve(),
         files={key: out / p.name for key, p in paths.items()}, overlays=[out / p.name for p in overlays],
         found=found, device=device, model_version=version,
-        seconds={"total": total, "per_slice": total / len(ks)},
+        seconds={"total": total, "per_slice": total / len(ks)}, qc_flagged=qc_flagged,
     )

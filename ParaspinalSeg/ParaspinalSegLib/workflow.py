@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import anatomy, scene
+from . import anatomy, qc, scene
 from .errors import InputError
 from .geometry import array_from_vtk_matrix, vtk_matrix_from_array
 from .preprocessing import pixel_spacing, slice_geometry_from_volume
@@ -50,6 +50,8 @@ class SliceOutcome:
     measurements: list
     #: Seconds: ``segment`` (the segmenter call), ``measure``, ``write`` and ``total``.
     seconds: dict[str, float] = field(default_factory=dict)
+    #: The slice's quality-control report (:mod:`.qc`); its cells are in the table's QC column.
+    qc: Optional["qc.QCReport"] = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,7 +273,8 @@ def segment_slice_into_scene(
     if result is None:
         result = segmenter.segment(image, slice_ijk_to_ras, validated=True)
     t2 = time.perf_counter()
-    records = _measure(image, result.labels, slice_ijk_to_ras, method, dixon)
+    report = qc.check_result(result, image, slice_ijk_to_ras)
+    records = qc.with_qc(_measure(image, result.labels, slice_ijk_to_ras, method, dixon), report)
     t3 = time.perf_counter()
     seg, table, boxes = _write_slice(
         mrml_scene, volume_node, k, result, records, segmentation_node=segmentation_node, level=level,
@@ -288,6 +291,7 @@ def segment_slice_into_scene(
         box_nodes=boxes,
         result=result,
         measurements=records,
+        qc=report,
         seconds={"segment": t2 - t1, "measure": t3 - t2, "write": t4 - t3, "total": t4 - t0},
     )
 
@@ -303,6 +307,8 @@ def describe_outcome(outcome: SliceOutcome) -> str:
     )
     if result.missing:
         text += " Not found: " + ", ".join(anatomy.BY_VALUE[v].name for v in result.missing) + "."
+    if outcome.qc is not None and not outcome.qc.ok:
+        text += " " + outcome.qc.summary() + " (see the QC column)."
     return text
 
 
@@ -338,7 +344,11 @@ def update_measurements(
         raise InputError(f"slice {k} of '{volume_node.GetName()}' has no segments: segment it first")
     ijk_to_ras = scene.volume_ijk_to_ras(volume_node) if volume_ijk_to_ras is None else np.asarray(volume_ijk_to_ras, float)
     slice_ijk_to_ras = slice_geometry_from_volume(ijk_to_ras, k)
-    records = _measure(np.array(volume_array(volume_node)[k]), labels, slice_ijk_to_ras, method, dixon)
+    image = np.array(volume_array(volume_node)[k])
+    # The segments as edited: layout, shape and image checks again (probabilities and detector boxes were the
+    # network's and no longer describe them).
+    report = qc.run_checks(labels, image, slice_ijk_to_ras)
+    records = qc.with_qc(_measure(image, labels, slice_ijk_to_ras, method, dixon), report)
     versions = {row["model_version"] for row in previous}
     levels = {row["level"] for row in previous}
     if level is None:

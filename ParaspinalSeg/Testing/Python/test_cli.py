@@ -156,6 +156,9 @@ def test_segment_writes_the_five_outputs_slicer_can_read(capsys, tmp_path, volum
             assert float(r["CSA (mm2)"]) == pytest.approx(n * SPACING[0] * SPACING[1])
 
     assert (out / "case01_overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Quality control: a QC cell in every row and one QC line on the terminal.
+    assert all(r["QC"] == "ok" or r["QC"].startswith("check: ") for r in rows)
+    assert "QC: " in stdout
 
 
 def test_same_anatomy_stored_lps_or_ras_gives_the_same_result(capsys, tmp_path, weights):
@@ -338,6 +341,8 @@ def test_batch_keeps_going_past_bad_rows(capsys, tmp_path, volume, weights):
     assert [r["Level"] for r in rows[:: anatomy.NUM_STRUCTURES]] == ["L3/L4", "L4/L5", ""]
     assert {p.name for p in out.iterdir() if p.is_dir()} == {"case01_slice0", "case01_slice2", "single"}
     assert (out / "case01_slice2" / "case01_overlay.png").is_file()
+    assert "qc: " in stdout and "of 3 slices flagged" in stdout
+    assert all(r["QC"] == "ok" or r["QC"].startswith("check: ") for r in rows)
 
 
 def test_batch_with_no_good_row_fails(capsys, tmp_path, weights):

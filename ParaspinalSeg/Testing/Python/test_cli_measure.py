@@ -216,3 +216,26 @@ def test_measure_slicer_4d_seg_nrrd_header(tmp_path):
     labels, notes = cli_measure.read_segmentation(path, volume)
     expected = np.where(np.isin(lab, (1, 6, 8, 9)), lab, 0)
     assert not notes and np.array_equal(labels, expected)
+
+
+def test_measure_csv_has_the_qc_column_and_flags_a_swapped_muscle(tmp_path):
+    from test_qc import image_for, phantom  # a plausible disc-level layout, rows posterior, columns patient left
+
+    lab = phantom()
+    img = image_for(lab)
+    swapped = lab.copy()
+    swapped[lab == 6], swapped[lab == 8] = 8, 6  # left multifidus and left erector spinae swapped
+    for name, arr in (("v", img.astype(np.float32)), ("seg", lab), ("swapped", swapped)):
+        im = sitk.GetImageFromArray(arr[None])  # identity direction: j → posterior, i → patient left
+        sitk.WriteImage(im, str(tmp_path / f"{name}.nrrd"))
+    for name in ("seg", "swapped"):
+        args = _parser().parse_args(["measure", str(tmp_path / "v.nrrd"), str(tmp_path / f"{name}.nrrd"),
+                                     "--slice", "0", "--out", str(tmp_path / f"{name}.csv")])
+        assert args.func(args) == 0
+    with (tmp_path / "seg.csv").open(newline="") as fh:
+        assert "QC" in next(csv.reader(fh))
+    ok = {r["segment_id"]: r["qc"] for r in _read_csv(tmp_path / "seg.csv")}
+    bad = {r["segment_id"]: r["qc"] for r in _read_csv(tmp_path / "swapped.csv")}
+    assert set(ok.values()) == {"ok"}
+    assert "multifidus lateral to the erector spinae" in bad["multifidus_left"]
+    assert bad["multifidus_right"] == "ok"

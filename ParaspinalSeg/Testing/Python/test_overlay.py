@@ -119,3 +119,16 @@ def test_rejects_mismatched_arrays():
     image, labels, m = _anatomy_lps()
     with pytest.raises(ValueError):
         overlay.render_overlay(image, labels[:-1], m)
+
+
+def test_flagged_structures_get_a_red_frame_and_others_do_not():
+    image, labels, m = _anatomy_lps()
+    red = np.all(overlay.render_overlay(image, labels, m, legend=False, flagged=[8]) == overlay.FLAG_RGB, axis=-1)
+    assert red.any()
+    rows, cols = np.nonzero(red)
+    # The frame surrounds the left erector spinae, which is drawn at the bottom right (posterior, patient left).
+    assert rows.min() > red.shape[0] // 2 and cols.min() > red.shape[1] // 2
+    plain = overlay.render_overlay(image, labels, m, legend=False)
+    assert not np.all(plain == overlay.FLAG_RGB, axis=-1).any()
+    # A flag for a structure that is not on the slice draws nothing.
+    assert not np.all(overlay.render_overlay(image, labels, m, legend=False, flagged=[1]) == overlay.FLAG_RGB, axis=-1).any()

@@ -92,10 +92,10 @@ def table_rows(scene) -> list[dict]:
     return [] if table is None else writers.rows_from_table(table)
 
 
-def same_row(a: dict, b: dict) -> bool:
+def same_row(a: dict, b: dict, ignore: tuple[str, ...] = ()) -> bool:
     return a.keys() == b.keys() and all(
         (isinstance(a[f], float) and math.isnan(a[f]) and isinstance(b[f], float) and math.isnan(b[f])) or a[f] == b[f]
-        for f in a
+        for f in a if f not in ignore
     )
 
 
@@ -205,7 +205,11 @@ def test_update_measurements_changes_exactly_the_edited_rows(mrml_scene, volume,
     table = workflow.update_measurements(mrml_scene, volume, 1, method=THRESHOLD)
     after = writers.rows_from_table(table)
     assert len(after) == len(before)
-    changed = [(b, c) for b, c in zip(before, after) if not same_row(b, c)]
+    # The QC column of the slice is re-checked on the edited segments (without the network's probabilities
+    # and boxes), so only the measurements are compared row by row.
+    assert all(c["qc"] == "ok" or c["qc"].startswith("check: ") for c in after if c["slice"] == 1)
+    assert [b["qc"] for b in before if b["slice"] == 2] == [c["qc"] for c in after if c["slice"] == 2]
+    changed = [(b, c) for b, c in zip(before, after) if not same_row(b, c, ignore=("qc",))]
     assert [(c["slice"], c["segment_id"]) for _, c in changed] == [(1, key)]
     old, new = changed[0]
     assert new["csa_mm2"] == pytest.approx(remaining * SPACING[0] * SPACING[1]) and new["csa_mm2"] < old["csa_mm2"]
@@ -398,3 +402,13 @@ def test_command_line_writes_what_the_button_writes(mrml_scene, volume, segmente
     assert cli.files["measurements"].read_text(encoding="utf-8") == button_csv.read_text(encoding="utf-8")
     assert cli.found == outcome.result.found
     assert {"network", "write", "total"} <= set(cli.seconds)
+
+
+def test_segment_fills_the_qc_column_of_every_row_and_says_so(mrml_scene, volume, segmenter):
+    outcome = workflow.segment_slice_into_scene(mrml_scene, volume, 1, segmenter, method=THRESHOLD)
+    rows = {r["segment_id"]: r for r in writers.rows_from_table(outcome.table_node)}
+    assert outcome.table_node.GetTable().GetColumnByName("QC") is not None
+    for s in anatomy.STRUCTURES:
+        assert rows[s.key]["qc"] == outcome.qc.cell(s.value)
+    text = workflow.describe_outcome(outcome)
+    assert ("QC:" in text) == (not outcome.qc.ok)
