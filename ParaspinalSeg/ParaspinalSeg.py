@@ -51,9 +51,9 @@ LIBRARY_MODULES = (
     "ParaspinalSegLib.errors",
     "ParaspinalSegLib.panel_state",
     "ParaspinalSegLib.panel_choices",
-    "ParaspinalSegLib.terminology",
     "ParaspinalSegLib.sample_data",
     "ParaspinalSegLib.anatomy",
+    "ParaspinalSegLib.terminology",
     "ParaspinalSegLib.boxes",
     "ParaspinalSegLib.preprocessing",
     "ParaspinalSegLib.postprocessing",
@@ -64,6 +64,8 @@ LIBRARY_MODULES = (
     "ParaspinalSegLib.segmenter",
     "ParaspinalSegLib.scene",
     "ParaspinalSegLib.workflow",
+    "ParaspinalSegLib.dixon",
+    "ParaspinalSegLib.stack",
 )
 
 
@@ -183,6 +185,7 @@ class ParaspinalSegParameterNode:
     device - Where the network runs ("auto": GPU if PyTorch can use one).
     mirrorAveraging - Average the network's output for the slice and its mirror image (left-right consistent).
     weightsPath - Model config (.json) or weights (.safetensors); the shipped model by default.
+    waterVolume, fatVolume - Optional Dixon water and fat images: add the "Dixon fat fraction (%)" column.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -194,6 +197,8 @@ class ParaspinalSegParameterNode:
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     mirrorAveraging: bool = True
     weightsPath: pathlib.Path = DEFAULT_WEIGHTS_PATH
+    waterVolume: vtkMRMLScalarVolumeNode
+    fatVolume: vtkMRMLScalarVolumeNode
 
 
 #
@@ -485,7 +490,7 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             outcome = self.logic.segmentSlice(
                 node.inputVolume, k, segmentationNode=node.outputSegmentation, level=node.spinalLevel,
                 method=self._method(), device=node.device, weightsPath=node.weightsPath, showBoxes=node.showBoxes,
-                mirrorAveraging=node.mirrorAveraging)
+                mirrorAveraging=node.mirrorAveraging, waterVolume=node.waterVolume, fatVolume=node.fatVolume)
             node.outputSegmentation = outcome.segmentation_node
             self.logic.showResults(outcome.segmentation_node, outcome.table_node)
             self._rememberWeightsPath()
@@ -493,8 +498,7 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSegmentSlicesButton(self) -> None:
         """Segment the chosen slices one after the other; Cancel keeps the slices already finished."""
-        from ParaspinalSegLib.panel_choices import parse_slice_selection
-        from ParaspinalSegLib.panel_state import Task, run_steps
+        from ParaspinalSegLib.panel_state import Task, follow
 
         if self._state.busy or not self._ensureDependencies():
             return
@@ -508,25 +512,26 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with run, slicer.util.tryWithErrorDisplay(_("Failed to segment the slices."), waitCursor=False):
             volumeNode = node.inputVolume
-            slices = parse_slice_selection(self.ui.sliceRangeLineEdit.text, volumeNode.GetImageData().GetDimensions()[2])
-            written = {"segmentation": node.outputSegmentation, "outcomes": []}
+            slices = self.logic.parseSlices(self.ui.sliceRangeLineEdit.text, volumeNode)
+            shown = []
 
-            def segmentOne(k):
-                outcome = self.logic.segmentSlice(
-                    volumeNode, k, segmentationNode=written["segmentation"], level=node.spinalLevel,
-                    method=self._method(), device=node.device, weightsPath=node.weightsPath,
-                    showBoxes=node.showBoxes, mirrorAveraging=node.mirrorAveraging)
-                if not written["outcomes"]:  # show the results as soon as the first slice is in
-                    node.outputSegmentation = written["segmentation"] = outcome.segmentation_node
+            def showFirst(done, total, outcome):  # the results appear as soon as the first slice is in
+                if not shown:
+                    shown.append(outcome)
+                    node.outputSegmentation = outcome.segmentation_node
                     self.logic.showResults(outcome.segmentation_node, outcome.table_node)
-                written["outcomes"].append(outcome)
-                return outcome
 
-            run_steps(run, slices, segmentOne,
-                      lambda k, n, total: _("Segmenting slice {k} ({n} of {total})…").format(k=k, n=n + 1, total=total),
-                      keep_events=slicer.app.processEvents)
+            outcomes = self.logic.segmentSlices(
+                volumeNode, slices, segmentationNode=node.outputSegmentation, level=node.spinalLevel,
+                method=self._method(), device=node.device, weightsPath=node.weightsPath, showBoxes=node.showBoxes,
+                mirrorAveraging=node.mirrorAveraging, waterVolume=node.waterVolume, fatVolume=node.fatVolume,
+                progress=showFirst, cancel=lambda: run.cancel_requested)
+            done = follow(run, outcomes, len(slices),
+                          lambda n, total: _("Segmenting slice {k} ({n} of {total})…").format(
+                              k=slices[min(n, total - 1)], n=min(n + 1, total), total=total),
+                          keep_events=slicer.app.processEvents)
             self._rememberWeightsPath()
-            run.succeed(self.logic.describeOutcomes(written["outcomes"]))
+            run.succeed(self.logic.describeOutcomes(done))
 
     def onUpdateMeasurementsButton(self) -> None:
         """Recompute the Red view slice's rows from the segments as they are now."""
@@ -541,7 +546,8 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             k = self._currentSliceIndex(requireAligned=False)
             # "(not recorded)" keeps the level recorded when the slice was segmented.
             tableNode = self.logic.updateMeasurements(
-                node.inputVolume, k, node.outputSegmentation, level=node.spinalLevel or None, method=self._method())
+                node.inputVolume, k, node.outputSegmentation, level=node.spinalLevel or None, method=self._method(),
+                waterVolume=node.waterVolume, fatVolume=node.fatVolume)
             self.logic.showResults(None, tableNode)
             run.succeed(_("Measurements of slice {k} updated from the current segments.").format(k=k))
 
@@ -830,7 +836,8 @@ class ParaspinalSegLogic(ScriptedLoadableModuleLogic):
     #
 
     def segmentSlice(self, volumeNode, k: int, segmentationNode=None, level: str = "", method="auto",
-                     device: str = "auto", weightsPath=None, showBoxes: bool = True, mirrorAveraging: bool = True):
+                     device: str = "auto", weightsPath=None, showBoxes: bool = True, mirrorAveraging: bool = True,
+                     waterVolume=None, fatVolume=None):
         """Segment slice ``k`` (of ``arr[k, j, i]``); write segments, boxes and table rows (all or nothing).
 
         ``method`` is "auto", "otsu" or a number (manual fat threshold); ``mirrorAveraging`` averages the
@@ -841,10 +848,42 @@ class ParaspinalSegLogic(ScriptedLoadableModuleLogic):
 
         workflow.check_slice(volumeNode, k)
         ijkToWorld = workflow.volume_ijk_to_world(volumeNode)  # the patient frame, parent transform included
+        dixon = self.dixonSource(waterVolume, fatVolume)
         return workflow.segment_slice_into_scene(
             slicer.mrmlScene, volumeNode, k, self.getSegmenter(weightsPath, device, mirrorAveraging),
             segmentation_node=segmentationNode,
-            level=level, method=method, show_boxes=showBoxes, volume_ijk_to_ras=ijkToWorld, validated=True)
+            level=level, method=method, show_boxes=showBoxes, volume_ijk_to_ras=ijkToWorld, validated=True,
+            dixon=dixon)
+
+    @staticmethod
+    def parseSlices(text: str, volumeNode) -> list:
+        """Slice indices of the "Segment slices" field ("" = all) for ``volumeNode``."""
+        from ParaspinalSegLib import stack, workflow
+
+        numSlices = workflow.check_volume(volumeNode)[0]
+        return stack.parse_slices(text.strip() or "all", numSlices)
+
+    def segmentSlices(self, volumeNode, slices, segmentationNode=None, level: str = "", method="auto",
+                      device: str = "auto", weightsPath=None, showBoxes: bool = True, mirrorAveraging: bool = True,
+                      waterVolume=None, fatVolume=None, progress=None, cancel=None):
+        """Segment ``slices`` one after another (a generator of workflow.SliceOutcome; see
+        stack.segment_slices_into_scene): ``cancel()`` is asked between slices, finished slices stay."""
+        from ParaspinalSegLib import stack, workflow
+
+        for k in slices:  # bad input refused before the model loads
+            workflow.check_slice(volumeNode, k)
+        return stack.segment_slices_into_scene(
+            slicer.mrmlScene, volumeNode, slices, self.getSegmenter(weightsPath, device, mirrorAveraging),
+            segmentation_node=segmentationNode, level=level, method=method, show_boxes=showBoxes,
+            volume_ijk_to_ras=workflow.volume_ijk_to_world(volumeNode), dixon=self.dixonSource(waterVolume, fatVolume),
+            progress=progress, cancel=cancel)
+
+    @staticmethod
+    def dixonSource(waterVolume=None, fatVolume=None):
+        """The Dixon water/fat pair for the "Dixon fat fraction (%)" column (None when neither is chosen)."""
+        from ParaspinalSegLib.dixon import dixon_source_from_nodes
+
+        return dixon_source_from_nodes(waterVolume, fatVolume)
 
     @staticmethod
     def describeOutcome(outcome) -> str:
@@ -872,13 +911,15 @@ class ParaspinalSegLogic(ScriptedLoadableModuleLogic):
         return text
 
     @staticmethod
-    def updateMeasurements(volumeNode, k: int, segmentationNode=None, level: Optional[str] = None, method="auto"):
+    def updateMeasurements(volumeNode, k: int, segmentationNode=None, level: Optional[str] = None, method="auto",
+                           waterVolume=None, fatVolume=None):
         """Recompute slice ``k``'s rows from the segments as edited (level None: keep it); returns the table."""
         from ParaspinalSegLib import workflow
 
         return workflow.update_measurements(
             slicer.mrmlScene, volumeNode, k, segmentation_node=segmentationNode, level=level, method=method,
-            volume_ijk_to_ras=workflow.volume_ijk_to_world(volumeNode))
+            volume_ijk_to_ras=workflow.volume_ijk_to_world(volumeNode),
+            dixon=ParaspinalSegLogic.dixonSource(waterVolume, fatVolume))
 
     @staticmethod
     def findSegmentation(volumeNode):

@@ -1,5 +1,5 @@
 """Choices the module panel makes, as data the Slicer shell applies: where the table is shown, which
-volume is picked by default, whether an installed PyTorch is recent enough.
+volume is picked by default, whether an installed PyTorch and the running Slicer are recent enough.
 
 No Qt and no ``slicer.app``: the shell passes in what it reads from Slicer (layout ids, layout
 descriptions, nodes) and applies what comes back, so the headless tests check the choice itself.
@@ -96,29 +96,6 @@ def torch_version_problem(installed: str, minimum: str = MINIMUM_TORCH_VERSION) 
         f"PyTorch {installed} is installed, but ParaspinalSeg needs {minimum} or newer. Open the PyTorch Utils "
         f"module, uninstall PyTorch, install it with the version requirement '>={minimum}', then restart Slicer."
     )
-
-
-def parse_slice_selection(text: str, num_slices: int) -> list[int]:
-    """Slice indices from the panel's "Segment slices" field: "" or "all", "A-B" (inclusive), "K1,K2,…"
-    (ranges and single slices may be mixed: "2,5-7"). Sorted, without repeats; a clear ValueError for
-    anything else or for slices outside 0..num_slices-1."""
-    text = (text or "").strip().lower()
-    if text in ("", "all"):
-        return list(range(num_slices))
-    chosen: set[int] = set()
-    for part in text.replace(";", ",").split(","):
-        part = part.strip()
-        match = re.fullmatch(r"(\d+)\s*(?:-\s*(\d+))?", part)
-        if match is None:
-            raise ValueError(f"'{part}' is not a slice number or range; write e.g. 'all', '10-20' or '3,5,8'")
-        first = int(match.group(1))
-        last = int(match.group(2)) if match.group(2) is not None else first
-        if last < first:
-            raise ValueError(f"range '{part}' runs backwards; write the lower slice first")
-        if last >= num_slices:
-            raise ValueError(f"slice {last} is outside the volume (slices 0..{num_slices - 1})")
-        chosen.update(range(first, last + 1))
-    return sorted(chosen)
 
 
 #: Oldest Slicer the module supports: every Slicer API it calls exists there (README "Supported versions").

@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from .errors import ParaspinalSegError
 
@@ -206,6 +206,31 @@ def run_steps(
     return results
 
 
+def follow(
+    run: Run,
+    outcomes: Iterable[Any],
+    total: int,
+    label: Callable[[int, int], str],
+    *,
+    keep_events: Callable[[], None] = lambda: None,
+) -> list:
+    """Consume ``outcomes`` (a generator that asks ``run.cancel_requested`` between its steps, such as
+    :func:`~ParaspinalSegLib.stack.segment_slices_into_scene`) with progress; the outcomes in order.
+
+    ``label(done, total)`` says what runs next. If the generator stopped because Cancel was pressed,
+    :class:`Cancelled` is raised after it, so the run ends with the "cancelled" status; what finished stays.
+    """
+    results: list = []
+    run.progress(0, total, label(0, total))
+    keep_events()
+    for outcome in outcomes:
+        results.append(outcome)
+        run.progress(len(results), total, label(len(results), total))
+        keep_events()
+    run.check_cancel()
+    return results
+
+
 def refuse_reason(view: PanelView, own_problem: str) -> str:
     """Why a button is disabled ("" if enabled): busy first, then the button's own reason."""
     if view.busy:
@@ -214,6 +239,6 @@ def refuse_reason(view: PanelView, own_problem: str) -> str:
 
 
 __all__ = (
-    "Task", "PROGRESS_DIALOG_TASKS", "Cancelled", "PanelView", "PanelState", "Run", "run_steps",
+    "Task", "PROGRESS_DIALOG_TASKS", "Cancelled", "PanelView", "PanelState", "Run", "run_steps", "follow",
     "refuse_reason",
 )

@@ -179,7 +179,7 @@ def test_every_ui_attribute_used_in_code_exists(module_tree, ui_root):
 def test_bound_widgets_match_parameter_fields(module_tree, ui_root):
     fields = parameter_fields(module_tree)
     expected = {"inputVolume", "outputSegmentation", "spinalLevel", "fatThresholdMethod", "manualThreshold",
-                "showBoxes", "device", "mirrorAveraging", "weightsPath"}
+                "showBoxes", "device", "mirrorAveraging", "weightsPath", "waterVolume", "fatVolume"}
     assert expected <= set(fields), f"parameter node lacks {sorted(expected - set(fields))}"
     bound: dict[str, str] = {}
     for name, widget in ui_widgets(ui_root).items():

@@ -164,19 +164,6 @@ def test_terminology_load_result_is_checked(tmp_path):
         terminology.ensure_terminology_loaded(other, tmp_path / "renamed.term.json")
 
 
-@pytest.mark.parametrize("text, expected", [("", [0, 1, 2, 3, 4, 5]), ("all", [0, 1, 2, 3, 4, 5]), (" ALL ", list(range(6))),
-                                            ("2-4", [2, 3, 4]), ("5,1,3", [1, 3, 5]), ("0, 2-3, 3", [0, 2, 3])])
-def test_slice_selection_of_the_segment_slices_field(text, expected):
-    assert panel_choices.parse_slice_selection(text, 6) == expected
-
-
-@pytest.mark.parametrize("text, message", [("4-2", "backwards"), ("6", "outside"), ("1-9", "outside"),
-                                           ("x", "not a slice"), ("-1", "not a slice"), ("1.5", "not a slice")])
-def test_bad_slice_selections_are_refused_with_a_reason(text, message):
-    with pytest.raises(ValueError, match=message):
-        panel_choices.parse_slice_selection(text, 6)
-
-
 @pytest.mark.parametrize("major, minor, ok", [(5, 8, True), (5, 10, True), (5, 12, True), (6, 0, True),
                                               (5, 6, False), (4, 11, False)])
 def test_oldest_supported_slicer_is_5_8(major, minor, ok):

@@ -114,3 +114,45 @@ def test_progress_counts_every_step_and_cancel_is_ignored_when_idle_or_not_cance
 
 def test_installs_and_multi_slice_runs_get_the_progress_dialog():
     assert PROGRESS_DIALOG_TASKS == {Task.INSTALL, Task.SEGMENT_SLICES}
+
+
+def test_segment_slices_run_on_a_real_scene_cancel_keeps_finished_slices(mrml_scene, make_volume, save_tiny_weights,
+                                                                          tmp_path):
+    """The panel's "Segment slices" path: the state machine follows the stack generator on a real MRML
+    scene; Cancel (pressed while the progress dialog repaints) stops before the next slice, the slices done
+    stay in the segmentation and the table, and the panel ends idle with the cancelled status."""
+    pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
+    import numpy as np
+
+    from ParaspinalSegLib import scene
+    from ParaspinalSegLib.panel_state import follow
+    from ParaspinalSegLib.segmenter import SliceSegmenter
+    from ParaspinalSegLib.stack import segment_slices_into_scene
+
+    rng = np.random.default_rng(0)
+    array = rng.normal(200.0, 20.0, size=(5, 40, 44))
+    jj, ii = np.mgrid[:40, :44]
+    array[:, (jj - 24) ** 2 + (ii - 15) ** 2 < 40] = 600.0
+    volume = make_volume(mrml_scene, shape=array.shape, spacing=(0.9, 0.9, 4.0), array=array)
+    segmenter = SliceSegmenter(save_tiny_weights(tmp_path / "tiny", spacing_mm=1.5), device="cpu")
+
+    state = PanelState()
+    run = state.start(Task.SEGMENT_SLICES, "Segmenting slices…", failed="Failed.",
+                      cancelled="Cancelled after {done} of {total} slices; the finished slices are kept.")
+    finished = []
+
+    def events():
+        if len(finished) == 2:
+            state.cancel()
+
+    with run:
+        outcomes = segment_slices_into_scene(mrml_scene, volume, [0, 1, 2, 3, 4], segmenter,
+                                             cancel=lambda: run.cancel_requested,
+                                             progress=lambda done, total, outcome: finished.append(outcome.k))
+        follow(run, outcomes, 5, lambda done, total: f"slice {done + 1} of {total}", keep_events=events)
+    assert finished == [0, 1]
+    assert state.view.status == "Cancelled after 2 of 5 slices; the finished slices are kept."
+    assert not state.busy
+    rows = scene.rows_from_table(scene.find_measurement_table(mrml_scene))
+    assert sorted({row["slice"] for row in rows}) == [0, 1]
+    assert len(rows) == 2 * 9  # one row per slice x structure
