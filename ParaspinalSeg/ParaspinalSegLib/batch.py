@@ -177,6 +177,8 @@ class RowState:
     error: str = ""
     #: Path of the row's measurement table, relative to the run folder (rows done).
     table: str = ""
+    #: Warnings about the row's input (unusual geometry); the row was still segmented.
+    warnings: list[str] = field(default_factory=list)
 
     def key(self) -> list:
         return [self.item.row, self.item.volume, self.item.slice_index, self.item.level]
@@ -248,7 +250,7 @@ class BatchRun:
             "combined": {COMBINED_MEASUREMENTS: done, ERRORS_CSV: failed},
             "rows": [
                 {"row": r.item.row, "volume": r.item.volume, "slice": r.item.slice_index, "level": r.item.level,
-                 "folder": r.folder, "status": r.status, "error": r.error, "table": r.table}
+                 "folder": r.folder, "status": r.status, "error": r.error, "table": r.table, "warnings": r.warnings}
                 for r in self.rows
             ],
         }
@@ -379,6 +381,7 @@ def _carry_over(run: BatchRun, record: dict[str, Any]) -> None:
         table = str(old.get("table") or "")
         if old.get("status") == "done" and old.get("folder") == row.folder and table and (run.out / table).is_file():
             row.status, row.table = "done", table
+            row.warnings = [str(w) for w in old.get("warnings") or [] if isinstance(w, str)]
             run.resumed_done += 1
 
 
@@ -399,6 +402,8 @@ class BatchSummary:
     model_load_seconds: float = 0.0
     #: Rows done by the interrupted run this one resumed (not redone).
     resumed_done: int = 0
+    #: Rows done with warnings about their input.
+    warned: int = 0
 
     @property
     def rows_done(self) -> int:
@@ -418,6 +423,8 @@ class BatchSummary:
             scope = " of this run's" if self.resumed_done else ""
             lines.append(f"  qc: {flagged}{scope} of {len(self.succeeded)} slices flagged for a second look"
                          + (" (QC column of the table)" if flagged else ""))
+        if self.warned:
+            lines.append(f"  {self.warned} rows segmented with warnings (unusual geometry): see batch_run.json")
         per = [o.seconds.get("total", 0.0) for o in self.succeeded]
         device = self.succeeded[0].device if self.succeeded else "-"
         timing = f"device {device}; {self.seconds:.2f} s in all (model load {self.model_load_seconds:.2f} s"
@@ -443,7 +450,7 @@ def _run_row(run: BatchRun, row: RowState, segmenter: Any, threshold_method: Any
         raise InputError(item.problem)
     volume = read(item.volume)
     k = resolve_slice(volume, item.slice_index)
-    check_slice(volume, k)
+    row.warnings = check_slice(volume, k)
     name = safe_output_name(volume.name)
     level = (item.level or "").strip()
     with StagedOutputs(run.out, overwrite=run.replace_existing) as stage:
@@ -540,7 +547,7 @@ def execute_run(run: BatchRun, segmenter: Any, *, threshold_method: Any = "auto"
     try:
         for row in tqdm(todo, desc="segmenting", unit="slice", disable=not progress, leave=False):
             raise_pending()
-            row.status, row.error, row.table = "pending", "", ""
+            row.status, row.error, row.table, row.warnings = "pending", "", "", []
             try:
                 succeeded.append(_run_row(run, row, segmenter, threshold_method, read, session, dixon))
                 continue
@@ -568,7 +575,8 @@ def execute_run(run: BatchRun, segmenter: Any, *, threshold_method: Any = "auto"
     run.save()
     failed = [(r.item, r.error) for r in run.rows if r.status == "failed"]
     return BatchSummary(run.out.resolve(), succeeded, failed, run.out / COMBINED_MEASUREMENTS, run.out / ERRORS_CSV,
-                        time.perf_counter() - t0, resumed_done=run.resumed_done)
+                        time.perf_counter() - t0, resumed_done=run.resumed_done,
+                        warned=sum(1 for r in run.rows if r.status == "done" and r.warnings))
 
 
 def run_settings(segmenter: Any = None, *, weights_sha256: str = "", threshold_method: Any = "auto",

@@ -179,6 +179,8 @@ def _run_segment(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         dixon=source_from_args(args),
     )
+    for warning in out.warnings:
+        _say(f"warning: {warning}")
     print(out.describe())
     return 0
 

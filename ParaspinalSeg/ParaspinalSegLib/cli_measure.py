@@ -23,7 +23,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from . import anatomy, segfile
-from .errors import InputError
+from .errors import InputError, ParaspinalSegError
+from .outputs import StagedOutputs, check_no_existing
 from .measurements import asymmetry, measure_slice
 from .scene import CSV_COLUMNS as TABLE_CSV_COLUMNS
 from .scene import Column, rows_to_csv
@@ -60,6 +61,8 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
                    help="fat threshold: auto (default), otsu, otsu-region, or a number (manual threshold)")
     p.add_argument("--out", type=Path, required=True,
                    help="CSV to write (asymmetry goes to <stem>_asymmetry.csv next to it)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the CSVs if they exist (default: refuse, write nothing)")
     from . import dixon
 
     dixon.add_arguments(p)
@@ -83,6 +86,22 @@ def read_segmentation(path: Path, volume: Any) -> tuple[np.ndarray, list[str]]:
     return read.labels, notes
 
 
+#: More distinct values outside the label table than this: an image, not a label map.
+MAX_UNKNOWN_LABELS = 8
+
+
+def _check_label_map(labels: np.ndarray, name: str) -> list[str]:
+    """Refuse a "label map" with many values outside the label table; note a few (they are ignored)."""
+    values = np.unique(labels)
+    unknown = [int(v) for v in values if int(v) not in anatomy.BY_VALUE and int(v) not in (0, 255)]
+    if len(unknown) > MAX_UNKNOWN_LABELS:
+        raise MeasureError(
+            f"{name} is not a label map of the label table: it holds {len(unknown)} values outside it "
+            f"({', '.join(map(str, unknown[:5]))}, …); is it the image rather than its segmentation?"
+        )
+    return [f"{name}: label values {', '.join(map(str, unknown))} are not in the label table: ignored"] if unknown else []
+
+
 def measure_files(
     volume_path: Path, segmentation_path: Path, slice_index: Optional[int] = None, method: Any = "auto", level: str = "",
     dixon: Any = None,
@@ -93,11 +112,14 @@ def measure_files(
     from .scene import slice_position_mm
     from .preprocessing import pixel_spacing, slice_geometry_from_volume
     from .qc import run_checks, with_qc
-    from .volume_io import itk_image_like, read_volume, volume_name
+    from .volume_io import check_slice_geometry, itk_image_like, read_volume, volume_name
 
     # The same reader as `segment`: NIfTI/NRRD/DICOM folders, scalar 2-D/3-D volumes, clear errors.
     volume = read_volume(volume_path)
-    labels, notes = read_segmentation(segmentation_path, itk_image_like(volume.array, volume))
+    notes = list(check_slice_geometry(volume))  # refuses impossible geometry, warns about unusual
+    labels, seg_notes = read_segmentation(segmentation_path, itk_image_like(volume.array, volume))
+    notes += seg_notes
+    notes += _check_label_map(labels, Path(segmentation_path).name)
     image = volume.array.astype(np.float64)  # (k, j, i)
     if labels.ndim == 2:
         labels = labels[None]
@@ -113,6 +135,13 @@ def measure_files(
         if not ks:
             notes.append("the segmentation has none of the nine structures on any slice")
 
+    for k in ks:
+        bad = ~np.isfinite(image[k])
+        if bad.any():
+            raise MeasureError(
+                f"slice {k} of {volume.name} has {int(bad.sum())} NaN or infinite voxels of {bad.size}: "
+                "areas and fat % cannot be measured on it"
+            )
     rows: list[dict[str, Any]] = []
     asym_rows: list[dict[str, Any]] = []
     for k in ks:
@@ -152,7 +181,6 @@ def measure_files(
 
 
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as fh:
         wr = csv.DictWriter(fh, fieldnames=list(columns))
         wr.writeheader()
@@ -167,22 +195,33 @@ def asymmetry_path(out: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``measure`` for parsed arguments; returns the process exit status (0 ok, 2 input error)."""
+    """Run ``measure`` for parsed arguments; returns the process exit status (0 ok, 2 input error).
+
+    Both CSVs are staged next to ``--out`` and appear together (:class:`outputs.StagedOutputs`); existing
+    ones are refused before anything is measured unless ``--overwrite``.
+    """
+    out = Path(args.out)
+    targets = [out, asymmetry_path(out)]
     try:
         from .dixon import source_from_args
 
+        if out.is_dir():
+            raise MeasureError(f"--out {out} is a folder; give the CSV file to write")
+        if not args.overwrite:
+            check_no_existing(targets)
         method = parse_threshold_method(args.method)
         rows, asym_rows, notes = measure_files(args.volume, args.segmentation, args.slice, method, args.level,
                                                source_from_args(args))
-    except InputError as exc:  # MeasureError and the volume reader's errors
-        print(f"paraspinalseg measure: error: {exc}", file=sys.stderr)
+    except ParaspinalSegError as exc:  # MeasureError, the volume reader's errors, existing outputs
+        print(f"paraspinalseg measure: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     for n in notes:
         print(f"paraspinalseg measure: note: {n}", file=sys.stderr)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    rows_to_csv(rows, args.out, EXTRA_COLUMNS)
     asym_cols = ["volume", "slice"] + (list(asym_rows[0].keys())[2:] if asym_rows else [])
-    _write_csv(asymmetry_path(args.out), asym_rows, asym_cols)
+    with StagedOutputs(out.parent, overwrite=args.overwrite) as stage:
+        rows_to_csv(rows, stage.path(out.name), EXTRA_COLUMNS)
+        _write_csv(stage.path(targets[1].name), asym_rows, asym_cols)
+        stage.commit()
     found = sum(1 for r in rows if r["found"])
     print(f"measured {len(set(r['slice'] for r in rows))} slice(s), {found} structure(s) found → {args.out}")
     return 0

@@ -105,6 +105,28 @@ def _onto(image: Any, reference: Any) -> Any:
     return sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, image.GetPixelID())
 
 
+def check_label_values(values: np.ndarray, name: str) -> None:
+    """Refuse an array that cannot be a label map (e.g. the image given as its own segmentation):
+    NaN/Inf, non-integer values, or values outside 0..255 (label maps hold the table's small integers)."""
+    if values.dtype.kind == "f":
+        finite = np.isfinite(values)
+        if not finite.all():
+            raise InputError(f"{name} is not a label map: it holds {int((~finite).sum())} NaN or infinite values")
+        fractional = values[values != np.round(values)]
+        if fractional.size:
+            raise InputError(
+                f"{name} is not a label map: it holds non-integer values (e.g. {float(fractional.flat[0]):g}); "
+                "is it the image rather than its segmentation?"
+            )
+    elif values.dtype.kind not in "iub":
+        raise InputError(f"{name} is not a label map: its pixels are {values.dtype}")
+    if values.size and (values.min() < 0 or values.max() > 255):
+        raise InputError(
+            f"{name} is not a label map: its values run from {values.min():g} to {values.max():g}, label values "
+            "lie in 0..255 (is it the image rather than its segmentation?)"
+        )
+
+
 def read_segmentation(path: str | Path, reference: Any = None, unknown_value: int = 0) -> SegmentationLabels:
     """Read a ``.seg.nrrd`` (any number of layers) or a label image onto ``reference``'s grid.
 
@@ -126,7 +148,9 @@ def read_segmentation(path: str | Path, reference: Any = None, unknown_value: in
     if not entries:
         if components != 1:
             raise InputError(f"{path}: a multi-component image without Slicer segment metadata")
-        return SegmentationLabels(sitk.GetArrayFromImage(_onto(image, reference)).astype(np.int32))
+        values = sitk.GetArrayFromImage(_onto(image, reference))
+        check_label_values(values, Path(path).name)
+        return SegmentationLabels(values.astype(np.int32))
 
     layers = [image] if components == 1 else [sitk.VectorIndexSelectionCast(image, c) for c in range(components)]
     arrays = [sitk.GetArrayFromImage(_onto(layer, reference)) for layer in layers]

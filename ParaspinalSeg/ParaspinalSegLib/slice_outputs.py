@@ -36,7 +36,7 @@ from .errors import InputError
 from .geometry import vtk_matrix_from_array
 from .outputs import StagedOutputs, check_no_existing, safe_output_name
 from .validation import check_slice_index, validate_slice
-from .volume_io import Volume, read_volume, write_label_volume
+from .volume_io import Volume, check_slice_geometry, read_volume, write_label_volume
 
 #: Output file name endings, appended to the volume's name.
 OUTPUT_SUFFIXES: dict[str, str] = {
@@ -66,6 +66,8 @@ class SegmentOutputs:
     #: The quality-control line (``QC: ok`` or what to check) and whether anything was flagged.
     qc_summary: str = ""
     qc_flagged: bool = False
+    #: Warnings about the input (unusual geometry) for the user; the outputs were written.
+    warnings: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         """A few lines for the terminal: what was found, where the files are, device and time."""
@@ -107,9 +109,12 @@ def resolve_slice(volume: Volume, k: Optional[int]) -> int:
     return check_slice_index(k, n, volume.name)
 
 
-def check_slice(volume: Volume, k: int) -> None:
-    """Refuse a slice that cannot be segmented (all one value, NaN, ...) before any model is loaded."""
+def check_slice(volume: Volume, k: int) -> list[str]:
+    """Refuse a slice that cannot be segmented (all one value, NaN, impossible geometry, ...) before any
+    model is loaded; return warnings about unusual geometry (:func:`volume_io.check_slice_geometry`)."""
+    warnings = check_slice_geometry(volume)
     validate_slice(volume.array[k], f"slice {k} of '{volume.name}'")
+    return warnings
 
 
 def output_paths(folder: str | os.PathLike, name: str) -> dict[str, Path]:
@@ -380,7 +385,7 @@ def segment_file(
         raise InputError("no volume given")
     volume = read_volume(volume_path)
     k = resolve_slice(volume, k)
-    check_slice(volume, k)
+    warnings = check_slice(volume, k)
     if not overwrite:
         check_no_existing(list(output_paths(out_dir, safe_output_name(volume.name)).values()))
     t_load = time.perf_counter()
@@ -391,6 +396,7 @@ def segment_file(
         volume, k, out_dir, segmenter, level=level, threshold_method=threshold_method, overwrite=overwrite,
         validated=True, dixon=dixon,
     )
+    outputs.warnings = warnings
     outputs.seconds["model_load"] = load_s
     outputs.seconds["total"] = time.perf_counter() - t0
     return outputs

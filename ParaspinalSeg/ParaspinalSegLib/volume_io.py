@@ -18,12 +18,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
 from .errors import InputError
-from .file_integrity import check_file_complete
+from .file_integrity import check_file_complete, read_nifti_header
 
 #: File name endings SimpleITK reads that we accept as a single-file volume (lower case).
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
@@ -144,12 +144,81 @@ def _read_dicom_series(folder: Path):
             f"{folder} holds {len(series)} DICOM series ({', '.join(series)}); put one series per folder"
         )
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    check_series_layout(files, folder)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
         return reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"cannot read the DICOM series in {folder}: {_first_line(exc)}") from None
+
+
+def _dicom_slice_info(path: str) -> tuple[tuple[int, ...], Optional[np.ndarray], Optional[np.ndarray]]:
+    """(size, position, row/column direction cosines) of one DICOM file, from its header only."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(f"cannot read DICOM file {Path(path).name}: {_first_line(exc)}") from None
+
+    def numbers(tag: str, n: int) -> Optional[np.ndarray]:
+        if not reader.HasMetaDataKey(tag):
+            return None
+        try:
+            values = np.array([float(v) for v in reader.GetMetaData(tag).split("\\")], float)
+        except ValueError:
+            return None
+        return values if values.size == n and np.all(np.isfinite(values)) else None
+
+    return tuple(reader.GetSize()), numbers("0020|0032", 3), numbers("0020|0037", 6)
+
+
+def check_series_layout(files: Sequence[str], folder: Path) -> None:
+    """Refuse a DICOM series whose slices do not form one evenly spaced stack.
+
+    Every file must have the same image size and orientation; the positions along the slice normal must
+    all differ (a duplicated slice, or several echoes/times at one position, would be stacked as extra
+    slices) and be evenly spaced (a missing slice would silently stretch the geometry). Series without
+    position tags pass: ITK reports what it can.
+    """
+    if len(files) < 2:
+        return
+    infos = [_dicom_slice_info(f) for f in files]
+    sizes = {i[0][:2] for i in infos}
+    if len(sizes) > 1:
+        raise InputError(f"the DICOM series in {folder} mixes image sizes {sorted(sizes)}; give one series of equal slices")
+    if any(i[1] is None or i[2] is None for i in infos):
+        return
+    orient = np.array([i[2] for i in infos])
+    if np.abs(orient - orient[0]).max() > 1e-3:
+        raise InputError(f"the slices of the DICOM series in {folder} have different orientations; give one stack")
+    normal = np.cross(orient[0][:3], orient[0][3:])
+    if np.linalg.norm(normal) < 1e-6:
+        return
+    normal /= np.linalg.norm(normal)
+    positions = np.array([float(np.dot(i[1], normal)) for i in infos])
+    order = np.argsort(positions)
+    gaps = np.diff(positions[order])
+    names = [Path(files[n]).name for n in order]
+    dup = int(np.argmin(gaps))
+    if gaps[dup] < 1e-3:
+        raise InputError(
+            f"the DICOM series in {folder} has two slices at one position ({names[dup]} and {names[dup + 1]} at "
+            f"{positions[order][dup]:.2f} mm along the slice normal): a duplicated slice, or several echoes or "
+            "time points in one series; give one image per position"
+        )
+    step = float(np.median(gaps))
+    worst = int(np.argmax(np.abs(gaps - step)))
+    if abs(gaps[worst] - step) > max(0.1 * step, 0.01):
+        missing = gaps[worst] / step - 1
+        what = f"about {missing:.0f} slice(s) missing" if missing >= 0.5 else "uneven slice spacing"
+        raise InputError(
+            f"the DICOM series in {folder} is not evenly spaced: {gaps[worst]:.2f} mm between {names[worst]} and "
+            f"{names[worst + 1]} where the other slices are {step:.2f} mm apart ({what}); {len(files)} files read"
+        )
 
 
 def _first_line(exc: Exception) -> str:
@@ -165,8 +234,8 @@ def _first_line(exc: Exception) -> str:
 def _restore_nifti_non_finite(path: Path, array: np.ndarray) -> np.ndarray:
     """Put back the NaN/inf voxels ITK's NIfTI reader silently turns into 0 (so they are refused later).
 
-    Reads the raw voxels of a float NIfTI-1/NIfTI-2 file with numpy (header fields at their fixed
-    offsets); any other case returns ``array`` unchanged.
+    Reads the raw voxels of a float NIfTI-1/NIfTI-2 file with numpy (header:
+    :func:`file_integrity.read_nifti_header`); any other case returns ``array`` unchanged.
     """
     import gzip
 
@@ -174,24 +243,14 @@ def _restore_nifti_non_finite(path: Path, array: np.ndarray) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except OSError:
+        header = read_nifti_header(raw[:540], path.name)
+    except (OSError, EOFError, InputError):
         return array
-    for endian in ("<", ">"):
-        size = int(np.frombuffer(raw[:4], dtype=f"{endian}i4")[0]) if len(raw) >= 4 else 0
-        if size == 348:  # NIfTI-1
-            datatype = int(np.frombuffer(raw[70:72], f"{endian}i2")[0])
-            offset = int(np.frombuffer(raw[108:112], f"{endian}f4")[0])
-            break
-        if size == 540:  # NIfTI-2
-            datatype = int(np.frombuffer(raw[12:14], f"{endian}i2")[0])
-            offset = int(np.frombuffer(raw[168:176], f"{endian}i8")[0])
-            break
-    else:
+    if header is None or not header.single_file:
         return array
-    dtype = {16: f"{endian}f4", 64: f"{endian}f8"}.get(datatype)
-    if dtype is None:
-        return array
-    if offset < 0 or len(raw) < offset + array.size * np.dtype(dtype).itemsize:
+    dtype = {16: f"{header.endian}f4", 64: f"{header.endian}f8"}.get(header.datatype)
+    offset = int(header.vox_offset)
+    if dtype is None or len(raw) < offset + array.size * np.dtype(dtype).itemsize:
         return array
     values = np.frombuffer(raw, dtype=dtype, count=array.size, offset=offset)
     bad = ~np.isfinite(values.reshape(array.shape))
@@ -271,6 +330,49 @@ def read_volume(path: str | os.PathLike) -> Volume:
         itk_direction=tuple(direction),
         metadata=metadata,
     )
+
+
+#: In-plane pixel size (mm) and field of view (mm) outside which a slice cannot be a lumbar MRI slice.
+PIXEL_MM_LIMITS = (0.05, 10.0)
+FOV_MM_LIMITS = (20.0, 1000.0)
+#: Inside the limits but unusual for an axial lumbar slice: measured, with a warning.
+PIXEL_MM_USUAL = (0.2, 3.0)
+FOV_MM_USUAL = (80.0, 600.0)
+MAX_PIXEL_ASPECT = 3.0
+
+
+def check_slice_geometry(volume: Volume) -> list[str]:
+    """Refuse (:class:`InputError`) a volume whose slices cannot be an MRI slice of the lumbar spine;
+    return warnings (with the numbers) for unusual but possible geometry.
+
+    Judged on the slice plane (the i and j axes): pixel size and field of view. A 100 mm pixel or a 3 mm
+    field of view is a broken header, and areas computed from it would be wrong by orders of magnitude.
+    """
+    m = np.asarray(volume.ijk_to_ras, float)
+    if not np.all(np.isfinite(m)):
+        raise InputError(f"{volume.name} has a geometry with NaN or infinite entries: it cannot be measured")
+    k, j, i = volume.array.shape
+    pixel = (float(np.linalg.norm(m[:3, 0])), float(np.linalg.norm(m[:3, 1])))
+    fov = (pixel[0] * i, pixel[1] * j)
+    where = f"{volume.name}: pixels of {pixel[0]:.3g} x {pixel[1]:.3g} mm, field of view {fov[0]:.3g} x {fov[1]:.3g} mm"
+    if min(pixel) < PIXEL_MM_LIMITS[0] or max(pixel) > PIXEL_MM_LIMITS[1]:
+        raise InputError(
+            f"{where}: pixel size outside {PIXEL_MM_LIMITS[0]}-{PIXEL_MM_LIMITS[1]} mm cannot be an MRI slice "
+            "(a wrong or missing spacing in the header?); areas would be wrong, so nothing is measured"
+        )
+    if min(fov) < FOV_MM_LIMITS[0] or max(fov) > FOV_MM_LIMITS[1]:
+        raise InputError(
+            f"{where}: a field of view outside {FOV_MM_LIMITS[0]:.0f}-{FOV_MM_LIMITS[1]:.0f} mm cannot hold a "
+            "lumbar cross-section (a wrong spacing in the header, or a crop?); nothing is measured"
+        )
+    warnings = []
+    if min(pixel) < PIXEL_MM_USUAL[0] or max(pixel) > PIXEL_MM_USUAL[1]:
+        warnings.append(f"{where}: unusual pixel size for a lumbar MRI (usually {PIXEL_MM_USUAL[0]}-{PIXEL_MM_USUAL[1]} mm); check the header")
+    if min(fov) < FOV_MM_USUAL[0] or max(fov) > FOV_MM_USUAL[1]:
+        warnings.append(f"{where}: unusual field of view for an axial lumbar slice (usually {FOV_MM_USUAL[0]:.0f}-{FOV_MM_USUAL[1]:.0f} mm)")
+    if max(pixel) / min(pixel) > MAX_PIXEL_ASPECT:
+        warnings.append(f"{where}: pixels {max(pixel) / min(pixel):.1f} times longer than wide; check the header")
+    return warnings
 
 
 def volume_from_array(

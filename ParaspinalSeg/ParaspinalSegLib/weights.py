@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from . import __version__ as LIBRARY_VERSION
-from .anatomy import BY_VALUE, LABEL_TABLE_VERSION
+from .anatomy import BY_VALUE, LABEL_TABLE_VERSION, NUM_CLASSES
 from .errors import ParaspinalSegError, WeightsError, import_torch
+from .weights_schema import MAX_CONFIG_BYTES, ConfigProblem, check_config, parse_config_text
 from .serialisation import json_ready
 
 #: Value of the JSON ``"format"`` field that marks a ParaspinalSeg weights config.
@@ -133,13 +134,15 @@ class WeightsConfig:
         lines = []
         for label, cv in entries.items():
             mean = cv.get("mean_dice")
-            if not isinstance(mean, (int, float)):
+            if isinstance(mean, bool) or not isinstance(mean, (int, float)):
                 continue
-            k = cv.get("k")
-            scope = f"{k}-fold" if len(cv.get("folds_run") or []) == k else f"folds {cv.get('folds_run')} of {k}"
-            per = cv.get("per_structure") or {}
-            parts = [f"{BY_VALUE[int(v)].name} {100 * d['dice']:.1f}" for v, d in per.items()
-                     if str(v).isdigit() and int(v) in BY_VALUE and isinstance(d, dict) and isinstance(d.get("dice"), (int, float))]
+            k, folds = cv.get("k"), cv.get("folds_run")
+            # The training record is free-form data from a file: anything unexpected is left out, not fatal.
+            scope = f"{k}-fold" if isinstance(folds, list) and len(folds) == k else f"folds {folds} of {k}"
+            per = cv.get("per_structure")
+            parts = [f"{BY_VALUE[int(v)].name} {100 * d['dice']:.1f}" for v, d in (per.items() if isinstance(per, dict) else ())
+                     if str(v).isdigit() and int(v) in BY_VALUE and isinstance(d, dict)
+                     and isinstance(d.get("dice"), (int, float)) and not isinstance(d.get("dice"), bool)]
             head = f"cross-validation{' ' + label if label else ''} ({scope}, {cv.get('slices', '?')} slices): mean Dice {100 * mean:.1f} %"
             lines.append(head + (f" ({', '.join(parts)})" if parts else ""))
         return lines
@@ -194,13 +197,14 @@ def read_weights_config(path: Optional[PathLike] = None, *, check_label_table: b
             )
         raise WeightsError(f"weights file not found: {given}")
     try:
-        text = json_path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise WeightsError(f"weights config {json_path} cannot be read as UTF-8 text: {exc}") from exc
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise WeightsError(f"weights config {json_path} is not valid JSON: {exc}") from exc
+        size = json_path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigProblem(f"it is {size} bytes long; a weights config is at most {MAX_CONFIG_BYTES}")
+        raw = parse_config_text(json_path.read_bytes())
+    except OSError as exc:
+        raise WeightsError(f"weights config {json_path} cannot be read: {exc}") from exc
+    except ConfigProblem as exc:
+        raise WeightsError(f"weights config {json_path} is refused: {exc}") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
         raise WeightsError(
             f"{json_path} is not a ParaspinalSeg weights config (expected \"format\": \"{FORMAT_NAME}\")"
@@ -209,6 +213,20 @@ def read_weights_config(path: Optional[PathLike] = None, *, check_label_table: b
     if missing:
         raise WeightsError(f"weights config {json_path} lacks required fields: {', '.join(missing)}")
     version = raw["format_version"]
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise WeightsError(
+            f"weights config {json_path} has format version {version}; this ParaspinalSeg "
+            f"({LIBRARY_VERSION}) reads up to {FORMAT_VERSION}: update ParaspinalSeg"
+        )
+    try:
+        check_config(raw)
+        if raw["architecture"].get("num_classes", NUM_CLASSES) != NUM_CLASSES:
+            raise ConfigProblem(
+                f"architecture.num_classes must be {NUM_CLASSES} (background and the nine structures of label "
+                f"table {LABEL_TABLE_VERSION}), got {raw['architecture']['num_classes']}"
+            )
+    except ConfigProblem as exc:
+        raise WeightsError(f"weights config {json_path}: {exc}") from None
     if not isinstance(version, int) or version < 1:
         raise WeightsError(f"weights config {json_path}: format_version must be a positive integer, got {version!r}")
     if version > FORMAT_VERSION:
@@ -227,7 +245,7 @@ def read_weights_config(path: Optional[PathLike] = None, *, check_label_table: b
     if (
         not isinstance(learned, list)
         or not learned
-        or not all(isinstance(v, int) and v in BY_VALUE for v in learned)
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v in BY_VALUE for v in learned)
     ):
         raise WeightsError(
             f"weights config {json_path}: \"structures_learned\" must be a non-empty list of label values "
@@ -290,8 +308,9 @@ def _refuse_pickle(path: Path, head: Optional[bytes] = None) -> None:
         )
 
 
-def check_safetensors_layout(data: bytes, path: PathLike = "<bytes>") -> None:
-    """Check that ``data`` is a complete safetensors file by reading its JSON header only.
+def check_safetensors_layout(data: bytes, path: PathLike = "<bytes>") -> dict[str, tuple[int, ...]]:
+    """Check that ``data`` is a complete safetensors file by reading its JSON header only; return each
+    tensor's shape (so the architecture can be compared before any tensor is allocated).
 
     Raises :class:`WeightsError` for a pickle checkpoint, random bytes, an unreadable header, a
     truncated file or trailing garbage. The header is plain JSON, so reading it runs no code.
@@ -318,12 +337,14 @@ def check_safetensors_layout(data: bytes, path: PathLike = "<bytes>") -> None:
     if not isinstance(header, dict):
         raise WeightsError(f"{path} is not a safetensors file (corrupt header: not a JSON object)")
     end = 0
+    shapes: dict[str, tuple[int, ...]] = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
             start, stop = info["data_offsets"]
-            info["dtype"], info["shape"]
+            info["dtype"]
+            shapes[name] = tuple(int(d) for d in info["shape"])
         except (TypeError, KeyError, ValueError) as exc:
             raise WeightsError(f"{path} is not a safetensors file (corrupt header entry {name!r})") from exc
         end = max(end, int(stop))
@@ -335,6 +356,7 @@ def check_safetensors_layout(data: bytes, path: PathLike = "<bytes>") -> None:
         )
     if expected < len(data):
         raise WeightsError(f"{path} is corrupt: {len(data) - expected} unexpected bytes after the tensor data")
+    return shapes
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -488,6 +510,18 @@ def save_weights(
     return json_path
 
 
+class _Shapes(dict):
+    """``{name: object with .shape}`` from tensors or from plain shapes, for :func:`_describe_mismatch`."""
+
+    def __init__(self, items: Mapping[str, Any]) -> None:
+        super().__init__({k: _Shape(tuple(getattr(v, "shape", v))) for k, v in items.items()})
+
+
+@dataclass
+class _Shape:
+    shape: tuple
+
+
 def _describe_mismatch(expected: Mapping[str, Any], loaded: Mapping[str, Any], limit: int = 4) -> str:
     """Which tensor names are missing, unexpected or of another shape (in the model's own order)."""
     missing = [k for k in expected if k not in loaded]
@@ -518,19 +552,27 @@ def load_weights(path: Optional[PathLike] = None, device: Any = "cpu"):
     torch_device = resolve_device(device)
     data = verify_weights_file(config)
     net_config = config.network_config()
+    torch = import_torch()
 
     from safetensors import SafetensorError
     from safetensors.torch import load as st_load
 
     from .network import build_network
 
-    try:
-        state = st_load(data)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise WeightsError(f"{config.weights_path} is not a readable safetensors file: {exc}") from exc
-    model = build_network(net_config)
-    expected = model.state_dict()
-    problems = _describe_mismatch(expected, state)
+    # The architecture is built on the "meta" device first (shapes only, no memory) and compared with
+    # the file's header, so a config that does not fit its tensors is refused before anything is allocated.
+    with torch.device("meta"):
+        skeleton = build_network(net_config)
+    problems = _describe_mismatch(_Shapes(skeleton.state_dict()), _Shapes(check_safetensors_layout(data, config.weights_path)))
+    del skeleton
+    if not problems:
+        try:
+            state = st_load(data)
+        except (SafetensorError, ValueError, RuntimeError) as exc:
+            raise WeightsError(f"{config.weights_path} is not a readable safetensors file: {exc}") from exc
+        model = build_network(net_config)
+        expected = model.state_dict()
+        problems = _describe_mismatch(expected, state)
     if problems:
         raise WeightsError(
             f"architecture mismatch: {config.weights_path.name} does not fit the architecture in "

@@ -6,11 +6,42 @@ missing slicer-core or torch skips only the tests that ask for a scene or for we
 
 from __future__ import annotations
 
+import gc
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any, Callable
 
 import numpy as np
 import pytest
+
+# The whole session (and every subprocess it starts) uses a temporary folder of its own, so that the
+# check at the end sees only what this test run left, not other programs on the machine.
+SESSION_TMP = tempfile.mkdtemp(prefix="pytest-session-tmp-")
+os.environ["TMPDIR"] = SESSION_TMP
+tempfile.tempdir = SESSION_TMP
+
+
+def leftover_temp_entries(folder: str = SESSION_TMP) -> list[str]:
+    """``paraspinalseg*`` entries in ``folder`` (what the library's temporary files are called)."""
+    return sorted(n for n in os.listdir(folder) if n.lower().startswith(("paraspinalseg", ".paraspinalseg")))
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Fail the run if any test (or the code it ran) left a ``paraspinalseg*`` entry in the temp folder."""
+    gc.collect()  # headless scenes made without a cache folder remove theirs when collected
+    left = leftover_temp_entries()
+    if left:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = f"temporary entries left behind in {SESSION_TMP}: {', '.join(left)}"
+        if reporter is not None:
+            reporter.write_line(f"ERROR: {message}", red=True)
+        else:  # pragma: no cover
+            print(message)
+    elif exitstatus == 0:
+        shutil.rmtree(SESSION_TMP, ignore_errors=True)
 
 
 #: A tiny BS-ESNet (base width 4): random weights stand in for trained ones in tests that check

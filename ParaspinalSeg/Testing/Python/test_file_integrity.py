@@ -1,0 +1,192 @@
+"""Files that lie: truncated or padded NIfTI / NRRD / MetaImage files, DICOM series with missing or
+duplicated slices, and geometry that cannot be an MRI slice are refused with one clear message; the
+command line exits 2 and writes nothing.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sitk = pytest.importorskip("SimpleITK")
+
+from ParaspinalSegLib import volume_io  # noqa: E402
+from ParaspinalSegLib.errors import InputError  # noqa: E402
+from ParaspinalSegLib.file_integrity import check_file_complete  # noqa: E402
+
+SHAPE = (3, 48, 40)
+CUTS = (0.999, 0.9, 0.5, 0.2)
+
+
+def _image(dtype=np.int16) -> sitk.Image:
+    rng = np.random.default_rng(1)
+    img = sitk.GetImageFromArray(rng.normal(300, 40, SHAPE).astype(dtype))
+    img.SetSpacing((1.5, 1.5, 4.0))
+    return img
+
+
+def _write(path: Path, compress: bool = False, dtype=np.int16) -> Path:
+    sitk.WriteImage(_image(dtype), str(path), compress)
+    return path
+
+
+def _cut(path: Path, fraction: float) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+    return path
+
+
+@pytest.mark.parametrize("cut", CUTS)
+@pytest.mark.parametrize("name", ["v.nii", "v.nii.gz", "v.nrrd", "v_gz.nrrd", "v.mha"])
+def test_truncated_file_is_refused(tmp_path, name, cut):
+    path = _write(tmp_path / name.replace("_gz", ""), compress="gz" in name)
+    before = volume_io.read_volume(path).array  # complete: reads
+    assert before.shape == SHAPE
+    _cut(path, cut)
+    with pytest.raises(InputError, match="truncated|cannot read|corrupt") as err:
+        volume_io.read_volume(path)
+    assert "\n" not in str(err.value)
+
+
+def test_truncated_nifti_is_refused_before_itk_pads_it_with_zeros(tmp_path):
+    # The bug: ITK reads a .nii cut to 90 % and fills the missing rows with zeros.
+    path = _cut(_write(tmp_path / "v.nii"), 0.9)
+    image = sitk.ReadImage(str(path))  # ITK alone: no complaint
+    assert sitk.GetArrayFromImage(image)[-1, -1].max() == 0  # the cut rows read as zeros
+    with pytest.raises(InputError, match=r"v.nii is truncated: it holds \d+ bytes of image data where its header promises 11520 \(9\d %\)"):
+        volume_io.read_volume(path)
+
+
+@pytest.mark.parametrize("name", ["v.nii", "v.nrrd", "v.mha"])
+def test_extra_bytes_after_the_data_are_refused(tmp_path, name):
+    path = _write(tmp_path / name)
+    path.write_bytes(path.read_bytes() + b"\0" * 64)
+    with pytest.raises(InputError, match="64 bytes more image data than its header describes"):
+        volume_io.read_volume(path)
+
+
+def test_nii_gz_with_a_second_gzip_member_or_garbage_is_refused(tmp_path):
+    path = _write(tmp_path / "v.nii.gz", compress=True)
+    good = path.read_bytes()
+    path.write_bytes(good + gzip.compress(b"\1" * 100))  # decompresses to 100 bytes too many
+    with pytest.raises(InputError, match="100 bytes more decompressed image data"):
+        volume_io.read_volume(path)
+    path.write_bytes(good + b"this is not gzip")
+    with pytest.raises(InputError, match="truncated or corrupt"):
+        volume_io.read_volume(path)
+    data = bytearray(good)
+    data[-6] ^= 0xFF  # CRC of the stream
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="truncated or corrupt"):
+        volume_io.read_volume(path)
+
+
+def test_header_claiming_a_huge_volume_is_refused_without_allocating(tmp_path):
+    path = _write(tmp_path / "v.nii")
+    data = bytearray(path.read_bytes())
+    data[42:44] = np.int16(30000).tobytes()  # dim[1]
+    data[44:46] = np.int16(30000).tobytes()  # dim[2]: 30000 x 30000 x 3 int16 = 5.4 GB
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="truncated.*promises 5400000000"):
+        volume_io.read_volume(path)
+
+
+def test_detached_nrrd_with_a_short_data_file_is_refused(tmp_path):
+    sitk.WriteImage(_image(), str(tmp_path / "v.nhdr"))
+    raw = next(p for p in tmp_path.iterdir() if p.suffix == ".raw")
+    _cut(raw, 0.5)
+    with pytest.raises(InputError, match="truncated"):
+        volume_io.read_volume(tmp_path / "v.nhdr")
+
+
+def test_complete_files_of_every_kind_pass(tmp_path):
+    for name, compress in (("a.nii", False), ("b.nii.gz", True), ("c.nrrd", False), ("d.nrrd", True),
+                           ("e.mha", False), ("f.mha", True), ("g.nhdr", False)):
+        check_file_complete(_write(tmp_path / name, compress, np.float32))
+
+
+# ----------------------------------------------------------------------------------------------------
+# DICOM series
+
+
+def _dicom_series(folder: Path, positions_mm) -> Path:
+    img = _image()
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    with volume_io.preserved_locale():
+        for n, z in enumerate(positions_mm):
+            s = img[:, :, n % SHAPE[0]]
+            s.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1.8")
+            s.SetMetaData("0008|0060", "MR")
+            s.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
+            s.SetMetaData("0020|0032", f"0\\0\\{z}")
+            s.SetMetaData("0020|0013", str(n))
+            writer.SetFileName(str(folder / f"{n:03d}.dcm"))
+            writer.Execute(s)
+    return folder
+
+
+def test_dicom_series_evenly_spaced_reads(tmp_path):
+    vol = volume_io.read_volume(_dicom_series(tmp_path / "ok", [0.0, 4.0, 8.0, 12.0]))
+    assert vol.num_slices == 4 and vol.spacing_mm[2] == pytest.approx(4.0)
+
+
+def test_dicom_series_with_a_missing_slice_is_refused(tmp_path):
+    folder = _dicom_series(tmp_path / "gap", [0.0, 4.0, 12.0, 16.0])
+    with pytest.raises(InputError, match=r"8.00 mm between 001.dcm and 002.dcm where the other slices are 4.00 mm "
+                                         r"apart \(about 1 slice\(s\) missing\)"):
+        volume_io.read_volume(folder)
+
+
+def test_dicom_series_with_a_duplicated_slice_is_refused(tmp_path):
+    folder = _dicom_series(tmp_path / "dup", [0.0, 4.0, 4.0, 8.0])
+    with pytest.raises(InputError, match="two slices at one position .*duplicated slice"):
+        volume_io.read_volume(folder)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Geometry that cannot be an MRI slice
+
+
+@pytest.mark.parametrize(
+    "spacing, size, refused",
+    [
+        ((100.0, 100.0), (40, 48), "pixel size outside"),
+        ((0.075, 0.075), (40, 48), "field of view outside"),  # a 3 mm field of view
+        ((0.01, 0.01), (400, 400), "pixel size outside"),
+        ((8.0, 8.0), (200, 200), "field of view outside"),  # 1.6 m
+    ],
+)
+def test_impossible_geometry_is_refused_with_its_numbers(tmp_path, spacing, size, refused):
+    img = sitk.GetImageFromArray(np.random.default_rng(0).normal(300, 40, (1, size[1], size[0])).astype(np.int16))
+    img.SetSpacing((*spacing, 4.0))
+    path = tmp_path / "odd.nrrd"
+    sitk.WriteImage(img, str(path))
+    vol = volume_io.read_volume(path)
+    with pytest.raises(InputError, match=refused) as err:
+        volume_io.check_slice_geometry(vol)
+    assert f"pixels of {spacing[0]:.3g} x {spacing[1]:.3g} mm" in str(err.value)
+
+
+def test_unusual_geometry_is_measured_with_a_warning(tmp_path):
+    img = sitk.GetImageFromArray(np.zeros((1, 100, 100), np.int16))
+    img.SetSpacing((5.0, 5.0, 4.0))
+    path = tmp_path / "coarse.nrrd"
+    sitk.WriteImage(img, str(path))
+    warnings = volume_io.check_slice_geometry(volume_io.read_volume(path))
+    assert len(warnings) == 1 and "unusual pixel size" in warnings[0] and "pixels of 5 x 5 mm" in warnings[0]
+
+
+def test_compressed_stream_cut_inside_its_header_is_refused(tmp_path):
+    path = _write(tmp_path / "v.mha", compress=True)
+    data = path.read_bytes()
+    head = data.index(b"ElementDataFile = LOCAL\n") + len(b"ElementDataFile = LOCAL\n")
+    path.write_bytes(data[: head + 1])
+    with pytest.raises(InputError, match="truncated or corrupt"):
+        volume_io.read_volume(path)
+    assert zlib  # zlib streams are what MetaImage compresses with
