@@ -15,8 +15,8 @@ Rules on the anatomical frame of ``training.spine_frame`` (all lengths in mm) an
 * **lamina** — the posterior arch (laminae, spinous process, articular processes) as one segment: the
   band pixels that are not bright (bone cortex is dark, marrow intermediate; fat, CSF and joint fluid
   bright), posterior to the canal's centre, medial to the multifidi on the rows they occupy and within
-  their lateral reach in front of them; small bright holes (facet-joint fluid, marrow fat) are filled
-  and crumbs removed.
+  their lateral reach in front of them; bright pockets it encloses (fatty marrow, facet-joint fluid) are
+  filled unless they touch the canal (epidural fat), and crumbs are removed.
 
 Everything is a plain function of arrays on the shared-data grid ``a[i, j]`` (i → patient left, j →
 posterior). The review in ``docs/derived-labels.md`` says where these rules hold.
@@ -61,7 +61,7 @@ class DerivationParams:
     lamina_min_mm2: float = 4.0
     #: Opening radius that removes thin dark strands (fascia, vessel walls) from the arch.
     lamina_opening_mm: float = 0.8
-    lamina_hole_mm2: float = 6.0
+    lamina_hole_mm2: float = 40.0
 
     def with_overrides(self, overrides: Mapping[str, str]) -> "DerivationParams":
         """Copy with ``{name: text}`` overrides; unknown names raise ValueError."""
@@ -236,11 +236,15 @@ def derive_lamina(image: np.ndarray, labels: np.ndarray, canal: np.ndarray, fram
         limits.append(lim[vb - b0])
     region &= (u < limits[0]) & (-u < limits[1])
     arch = region & (s <= threshold)
+    # Bright pockets enclosed by the arch are its marrow (fatty, bright on T2) or facet-joint fluid; a pocket
+    # touching the canal is epidural fat and stays out.
     holes = ndi.binary_fill_holes(arch) & ~arch
     lab, n = ndi.label(holes)
     if n:
         sizes = ndi.sum(np.ones_like(lab), lab, index=np.arange(1, n + 1)) * frame.pixel_area_mm2
-        arch |= np.isin(lab, np.flatnonzero(sizes < p.lamina_hole_mm2) + 1) & region
+        at_canal = np.unique(lab[ndi.binary_dilation(canal, iterations=2) & holes])
+        keep = np.flatnonzero(sizes < p.lamina_hole_mm2) + 1
+        arch |= np.isin(lab, np.setdiff1d(keep, at_canal)) & region
     arch = ndi.binary_opening(arch, _disk(max(int(round(p.lamina_opening_mm / np.sqrt(frame.pixel_area_mm2))), 1)))
     lab, n = ndi.label(arch)
     if n:

@@ -7,7 +7,8 @@ The output has the ``../shared/data`` layout: images copied (or linked with ``--
 with 2 and 3 burnt into the not-annotated band **only on slices the review accepted or corrected**
 (255 everywhere else as before), ``<case>_derived.nii.gz`` with the raw derivation of every slice (0/2/3,
 for the contact sheets and for re-review), a ``manifest.csv`` whose ``trusted_classes`` gains 2 and 3
-only on reviewed-accepted slices and whose ``derived_classes`` / ``derived_review`` columns say so,
+only on reviewed-accepted slices, with ``derived`` = 1 on every row (a derived source) and
+``derived_classes`` (``2;3`` where trusted) / ``derived_review`` (the decision) saying which,
 ``derived_metrics.csv`` (per-slice areas and plausibility figures) and a ``README.md``. The images and
 labels stay under the source's license: never commit them.
 
@@ -34,7 +35,7 @@ from training.spine_frame import FrameError
 
 EXIT_BAD_INPUT = 2
 #: Extra manifest columns of a derived source.
-DERIVED_COLUMNS = ("derived_classes", "derived_review", "derived_file", "canal_mm2", "lamina_mm2")
+DERIVED_COLUMNS = ("derived", "derived_classes", "derived_review", "derived_file", "canal_mm2", "lamina_mm2")
 
 
 class DeriveInputError(ValueError):
@@ -131,7 +132,7 @@ def derive_folder(data: Path, out: Path, review: dict[str, ReviewEntry], link: b
         if trusted:
             new["trusted_classes"] = _join(sorted(set(_classes(row["trusted_classes"])) | {CANAL, LAMINA}))
         present = sorted(set(int(x) for x in np.unique(new_labels)) - {0, NOT_ANNOTATED})
-        new.update(classes_present=_join(present), n_pixels_255=str(int((new_labels == NOT_ANNOTATED).sum())),
+        new.update(derived="1", classes_present=_join(present), n_pixels_255=str(int((new_labels == NOT_ANNOTATED).sum())),
                    derived_classes=_join([CANAL, LAMINA]) if trusted else "",
                    derived_review=entry.decision if d is not None else "failed", derived_file=derived_file,
                    canal_mm2=f"{figures.get('canal_mm2', 0.0):.1f}", lamina_mm2=f"{figures.get('lamina_mm2', 0.0):.1f}")

@@ -74,7 +74,7 @@ def report_markdown(rows: list[dict]) -> str:
         f"* Slices: {p['slices']}; review decisions: " + ", ".join(f"{k} {v}" for k, v in p["decisions"].items())
         + f"; 2 and 3 trusted on {n}.",
         f"* Canal found (non-empty) on {p['canal_found']} of {p['slices']} slices (all are disc-level slices); "
-        "on rejected slices it was found in the wrong place or with the wrong extent.",
+        "on most rejected slices it lies in the wrong place or has the wrong extent (reasons in the table).",
         f"* Canal CSA on the {n} trusted slices, mm²: {_dist(p['canal_mm2'])}. Published dural-sac figures: "
         f"< {RELATIVE_STENOSIS_MM2:.0f} relative and < {ABSOLUTE_STENOSIS_MM2:.0f} absolute stenosis, asymptomatic "
         f"adults at L4/5 typically {TYPICAL_RANGE_MM2[0]:.0f}–{TYPICAL_RANGE_MM2[1]:.0f}. Here {p['below_absolute']} are "

@@ -58,6 +58,8 @@ def canal_phantom(seed: int = 0, angle_deg: float = 0.0, canal_axes: tuple[float
     centre = ay + 0.5
     ring = _ellipse(x, y, 0, centre, ax + 1.0, ay + 1.0) & ~canal & (y < centre)
     arch = ((np.abs(x) < 18) & (y >= centre) & (y < centre + 15) & ~canal) | ((np.abs(x) < 3) & (y >= centre + 15) & (y < 52))
+    # Fatty marrow in the laminae: bright pockets inside the arch, part of it.
+    marrow = (_ellipse(x, y, 10, centre + 8, 2.5, 1.8) | _ellipse(x, y, -10, centre + 8, 2.5, 1.8)) & arch
     back = 2 * ay + 0.5
     triangle = (y >= back - 1.5) & (y < back + 6) & (np.abs(x) < 0.7 * (back + 6 - y)) & ~canal if fat_triangle else np.zeros_like(canal)
     arch &= ~triangle
@@ -83,6 +85,7 @@ def canal_phantom(seed: int = 0, angle_deg: float = 0.0, canal_axes: tuple[float
         image[m] = grey
     free = labels == 255
     image[free & arch] = 90.0
+    image[free & marrow] = 215.0
     image[free & ring] = 40.0
     image[free & canal] = 200.0  # CSF: a little darker than fat on fast spin echo
     image[free & triangle] = 250.0

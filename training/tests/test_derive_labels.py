@@ -102,6 +102,7 @@ def test_manifest_trusts_2_and_3_only_on_reviewed_accepted_slices(tmp_path):
     with open(out / "manifest.csv", newline="") as f:
         rows = {r["case_id"]: r for r in csv.DictReader(f)}
     assert rows["PH000_s0"]["trusted_classes"] == "1;2;3;4;5;6;7;8;9" and rows["PH000_s0"]["derived_classes"] == "2;3"
+    assert all(r["derived"] == "1" for r in rows.values())
     for case, decision in (("PH001_s0", "rejected"), ("PH002_s0", "unreviewed")):
         assert rows[case]["trusted_classes"] == "1;4;5;6;7;8;9" and rows[case]["derived_classes"] == ""
         assert rows[case]["derived_review"] == decision
