@@ -162,12 +162,9 @@ def structure_centroids_ras(labels: np.ndarray, slice_ijk_to_ras: np.ndarray) ->
     """RAS (mm) centroid of each structure present in ``labels`` (2-D, on the slice's own grid)."""
     m = np.asarray(slice_ijk_to_ras, dtype=np.float64)
     out: dict[int, np.ndarray] = {}
-    values = [v for v in np.unique(labels) if v in anatomy.BY_VALUE]
-    if not values:
-        return out
-    centres = ndimage.center_of_mass(np.ones(labels.shape), labels, values)
-    for v, (p, q) in zip(values, centres):
-        out[int(v)] = (m @ np.array([p, q, 0.0, 1.0]))[:3]
+    for v, box in _bounding_boxes(labels).items():  # each structure inside its own box: cheap on 512²
+        p, q = np.nonzero(labels[box] == v)
+        out[int(v)] = (m @ np.array([p.mean() + box[0].start, q.mean() + box[1].start, 0.0, 1.0]))[:3]
     return out
 
 
@@ -237,7 +234,8 @@ def check_layout(labels: np.ndarray, slice_ijk_to_ras: np.ndarray, t: QCThreshol
                 flags.append(QCFlag(mf, "layout", "multifidus lateral to the erector spinae"))
                 flags.append(QCFlag(es, "layout", "erector spinae medial to the multifidus"))
         if 1 in c:
-            disc_half_width = _half_width_mm(labels == 1, slice_ijk_to_ras)
+            disc_box = _bounding_boxes(labels).get(1)
+            disc_half_width = _half_width_mm(labels[disc_box] == 1, slice_ijk_to_ras, disc_box)
             for ps in (4, 5):
                 if ps in c and abs(mid.lateral(c[ps])) < disc_half_width * 0.5:
                     flags.append(QCFlag(ps, "layout", "psoas not lateral to the disc"))
@@ -256,14 +254,22 @@ def check_layout(labels: np.ndarray, slice_ijk_to_ras: np.ndarray, t: QCThreshol
     return flags
 
 
-def _half_width_mm(mask: np.ndarray, slice_ijk_to_ras: np.ndarray) -> float:
-    """Half the left-right (RAS x) extent of ``mask`` in mm."""
+def _half_width_mm(mask: np.ndarray, slice_ijk_to_ras: np.ndarray, box: tuple[slice, slice]) -> float:
+    """Half the left-right (RAS x) extent in mm of ``mask``, a crop of the slice at ``box``."""
     p, q = np.nonzero(mask)
     if p.size == 0:
         return 0.0
+    p, q = p + box[0].start, q + box[1].start
     m = np.asarray(slice_ijk_to_ras, dtype=np.float64)
     x = m[0, 0] * p + m[0, 1] * q
     return float((x.max() - x.min() + abs(m[0, 0]) + abs(m[0, 1])) / 2)
+
+
+def _bounding_boxes(labels: np.ndarray) -> dict[int, tuple[slice, slice]]:
+    """Bounding slices of every structure present (one pass over the image)."""
+    lab = np.where(np.asarray(labels) < anatomy.NUM_CLASSES, labels, 0).astype(np.int32)
+    objects = ndimage.find_objects(lab, max_label=anatomy.NUM_CLASSES - 1)
+    return {v: objects[v - 1] for v in anatomy.BY_VALUE if objects[v - 1] is not None}
 
 
 def check_shape(
@@ -278,21 +284,23 @@ def check_shape(
     pixel_area = float(spacing_mm[0]) * float(spacing_mm[1])
     flags: list[QCFlag] = []
     areas: dict[int, float] = {}
+    boxes = _bounding_boxes(labels)
+    raw_boxes = _bounding_boxes(raw_labels) if raw_labels is not None else {}
     for s in anatomy.STRUCTURES:
-        mask = labels == s.value
-        n = int(mask.sum())
-        if n == 0:
+        if s.value not in boxes:
             continue
+        mask = labels[boxes[s.value]] == s.value
+        n = int(mask.sum())
         areas[s.value] = n * pixel_area
-        if raw_labels is not None:
-            raw = raw_labels == s.value
+        if raw_labels is not None and s.value in raw_boxes:
+            raw = raw_labels[raw_boxes[s.value]] == s.value
             comp, k = ndimage.label(raw)
             if k > 1:
                 sizes = np.bincount(comp.ravel())[1:]
                 share = 1.0 - sizes.max() / sizes.sum()
                 if share > t.max_fragment_share:
                     flags.append(QCFlag(s.value, "shape", f"fragmented ({k} pieces, {100 * share:.0f} % outside the largest)"))
-        filled = ndimage.binary_fill_holes(mask)
+        filled = ndimage.binary_fill_holes(np.pad(mask, 1))
         holes = int(filled.sum()) - n
         if holes and holes / filled.sum() > t.max_hole_share:
             flags.append(QCFlag(s.value, "shape", f"holes ({100 * holes / filled.sum():.0f} % of its area)"))
@@ -323,12 +331,13 @@ def check_confidence(
     per-structure mean ``confidence`` the segmenter reports is used alone.
     """
     flags: list[QCFlag] = []
+    boxes = _bounding_boxes(labels)
     for s in anatomy.STRUCTURES:
-        mask = labels == s.value
-        if not mask.any():
+        if s.value not in boxes:
             continue
+        box = boxes[s.value]
         if max_probability is not None:
-            inside = max_probability[mask]
+            inside = np.asarray(max_probability)[box][labels[box] == s.value]
             mean = float(inside.mean())
             uncertain = float(np.mean(inside < 0.5))
         elif confidence is not None and s.value in confidence:
@@ -352,13 +361,14 @@ def image_statistics(image: np.ndarray) -> tuple[float, float]:
     to a difference of two Laplacians, which cancels smooth anatomy and keeps pixel noise. Background: the
     median of the outer frame (1/20 of the shorter side), where an MRI slice holds air or the body's edge.
     """
-    a = np.asarray(image, dtype=np.float64)
-    lo, hi = np.percentile(a, [1.0, 99.0])
-    span = max(float(hi - lo), 1e-12)
+    a = np.asarray(image, dtype=np.float32)
+    # Percentiles of every other pixel in each direction: the same to a fraction of a percent, 4× cheaper.
+    lo, hi = (float(v) for v in np.percentile(a[::2, ::2], [1.0, 99.0]))
+    span = max(hi - lo, 1e-12)
     if min(a.shape) < 3:
         return 0.0, 0.0
-    response = ndimage.convolve(a, _LAPLACIAN_DIFFERENCE, mode="reflect")[1:-1, 1:-1]
-    noise = float(np.sqrt(np.pi / 2.0) * np.abs(response).mean() / 6.0)
+    response = ndimage.correlate(a, _LAPLACIAN_DIFFERENCE.astype(np.float32), mode="reflect")[1:-1, 1:-1]
+    noise = float(np.sqrt(np.pi / 2.0) * np.abs(response, dtype=np.float64).mean() / 6.0)
     b = max(2, min(a.shape) // 20)
     frame = np.concatenate([a[:b].ravel(), a[-b:].ravel(), a[:, :b].ravel(), a[:, -b:].ravel()])
     return noise / span, float((np.median(frame) - lo) / span)
