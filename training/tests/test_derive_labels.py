@@ -188,3 +188,25 @@ def test_review_file_covers_every_shared_slice():
     with open(SHARED_SY / "manifest.csv", newline="") as f:
         cases = {r["case_id"] for r in csv.DictReader(f)}
     assert set(read_review(review)) == cases
+
+
+@pytest.mark.skipif(not (SHARED_SY / "manifest.csv").exists(), reason="../shared/data/sy_lumbar_muscle is not here (license: not in the repo)")
+def test_review_table_is_of_the_rules_in_this_code():
+    """The reviewed areas in docs/derived-labels.md are what the code derives now (a rule change needs a new review)."""
+    import nibabel as nib
+
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    review = read_review(docs / "derived-labels.csv")
+    table = {}
+    for line in (docs / "derived-labels.md").read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 7 and cells[0].startswith("SY"):
+            table[cells[0]] = (cells[1], float(cells[2]), float(cells[4]))
+    assert set(table) == set(review)
+    for case in ("SY002_s0", "SY006_s0", "SY063_s0", "SY096_s0", "SY165_s0", "SY185_s0"):
+        assert table[case][0] == review[case].decision
+        img = nib.load(str(SHARED_SY / f"{case}_img.nii.gz"))
+        lbl = np.asanyarray(nib.load(str(SHARED_SY / f"{case}_lbl.nii.gz")).dataobj)[:, :, 0]
+        d = derive_slice(np.asanyarray(img.dataobj)[:, :, 0], lbl, (0.37, 0.37), DerivationParams().with_overrides(review[case].overrides))
+        assert d.canal_area_mm2() == pytest.approx(table[case][1], abs=1.0)
+        assert d.lamina_area_mm2() == pytest.approx(table[case][2], abs=1.0)
