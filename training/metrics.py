@@ -27,15 +27,21 @@ def dice(pred: np.ndarray, gt: np.ndarray) -> float:
     return 2.0 * int((p & g).sum()) / s
 
 
+#: medpy's and MONAI's surface: a mask pixel with a 4-neighbour outside the mask (erosion with the cross).
+_SURFACE_STRUCTURE = ndimage.generate_binary_structure(2, 1)
+
+
 def _surface(mask: np.ndarray) -> np.ndarray:
-    return mask & ~ndimage.binary_erosion(mask, structure=np.ones((3, 3), bool), border_value=0)
+    return mask & ~ndimage.binary_erosion(mask, structure=_SURFACE_STRUCTURE, border_value=0)
 
 
 def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] = (1.0, 1.0)) -> float:
-    """95th percentile of the symmetric surface distances in mm (medpy's ``hd95``); NaN if a mask is empty.
+    """95th percentile of the symmetric surface distances in mm, as medpy's ``hd95``; NaN if a mask is empty.
 
     Distances from each surface pixel of one mask to the nearest surface pixel of the other (Euclidean
-    distance transform with the pixel ``spacing``), both directions pooled.
+    distance transform with the pixel ``spacing``), both directions pooled. The surface is what medpy
+    (``metric.binary.__surface_distances``) and MONAI (``get_surface``) take: the mask minus its erosion
+    with the 4-neighbour cross, so a pixel touching the outside only at a corner is inside, not surface.
     """
     p, g = np.asarray(pred, bool), np.asarray(gt, bool)
     if not p.any() or not g.any():

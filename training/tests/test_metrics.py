@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 
 from training.metrics import dice, hd95, score_slice
 from training.report import markdown_table, mean_dice, summarise, write_report
@@ -30,6 +31,23 @@ def test_dice_perfect_and_known_imperfect():
     pred = gt.copy()
     pred[gt == 255] = 6
     assert abs(score_slice(pred, gt, [6], (1.0, 1.0))[0]["dice"] - 2 * 144 / (144 + 169)) < 1e-12
+
+
+def test_hd95_matches_medpy_on_curved_shapes():
+    """Reference values computed with medpy 0.5.2 (``medpy.metric.binary.hd95``) on these very masks.
+
+    Squares cannot tell the surfaces apart; curved and diagonal edges can: a 3×3-block erosion (the old
+    code) gave 2.884 and 1.25 here.
+    """
+    yy, xx = np.mgrid[:40, :40]
+    gt = (yy - 20) ** 2 + (xx - 18) ** 2 <= 36
+    pred = ((yy - 21) / 7.0) ** 2 + ((xx - 20) / 5.0) ** 2 <= 1
+    assert hd95(pred, gt, (0.8, 1.2)) == pytest.approx(3.364995667241113, abs=1e-9)
+    diamond = np.abs(yy[:9, :9] - 4) + np.abs(xx[:9, :9] - 4) <= 3
+    square = np.zeros((9, 9), bool)
+    square[2:7, 2:7] = True
+    assert hd95(diamond, square, (1.0, 2.0)) == pytest.approx(1.65, abs=1e-9)
+    assert hd95(diamond, square) == pytest.approx(1.0, abs=1e-9)
 
 
 def test_hd95_known_shift_in_mm():
