@@ -26,6 +26,7 @@ from ParaspinalSegLib.serialisation import json_ready
 
 from .data import SliceRecord, load_sources, subject_folds
 from .evaluate import evaluate_weights
+from .provenance import provenance
 from .report import mean_dice, summarise, write_report
 from .train import _dist, add_data_arguments, config_from_args, train
 
@@ -102,12 +103,15 @@ def cross_validate(
         "evaluated_on": "original input grid via SliceSegmenter (final-epoch weights of each fold)",
         "mirror_tta": bool(mirror_tta),
         "trained_also_on": also,
+        # What a model this CV stands for is trained with (checked by training.train --cv-report).
+        "provenance": provenance(config, list(records) + list(train_also)),
     }
     paths = write_report(rows, report_dir, title=f"{config['name']}: {_scope(k, run_folds, mirror_tta)} subject-wise cross-validation{also_note}")
     (report_dir / "cv_metrics.json").write_text(json.dumps(json_ready({**metrics, "folds": fold_cases}), indent=1), encoding="utf-8")
     result = {"rows": rows, "folds": fold_cases, "metrics": metrics, "paths": paths}
     if final_model:
-        info = {"folds": {"k": k, "seed": int(config["seed"]), "held_out_cases": fold_cases}, "cross_validation": metrics}
+        info = {"folds": {"k": k, "seed": int(config["seed"]), "held_out_cases": fold_cases},
+                "cross_validation": {**metrics, "matches_model": True}}
         res = train(config, list(records) + list(train_also), out / "final_model", resume=resume, device=device, progress=progress, training_info=info)
         result["final_weights"] = res.final_weights
     return result

@@ -34,6 +34,7 @@ from .config import load_config, network_config
 from .data import SliceRecord, load_sources, prepare_records, structures_learned, subject_folds
 from .evaluate import canonical_dice
 from .losses import training_loss
+from .provenance import check_cv_reports
 from .schedule import apply_phase, build_optimizer, esnet_training_epochs, phase_for_epoch
 
 CHECKPOINT = "checkpoint.pt"
@@ -371,6 +372,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           "prepare_and_build_seconds": time.perf_counter() - t0 - sum(res.step_seconds),
                           "slices": len(records), "threads": torch.get_num_threads(), "device": str(resolve_device(args.device))}))
         return 0
+    if "cross_validation" in info:
+        # A CV stands for these weights only if it ran with their configuration and slices; say so in the card.
+        info["cross_validation"] = check_cv_reports(info["cross_validation"], config, records)
+        for name, cv in info["cross_validation"].items():
+            if not cv["matches_model"]:
+                print(f"warning: --cv-report {name} does not describe these weights: {'; '.join(cv['mismatch'])} "
+                      "(recorded, labelled as such)", file=sys.stderr)
     result = train(config, records, args.out, val, resume=args.resume, device=args.device, training_info=info)
     if _dist()[0] == 0:
         print(f"done: {result.epochs_done} epochs; weights {result.final_weights}"

@@ -18,11 +18,10 @@ from typing import Any
 
 from . import anatomy
 from .errors import ParaspinalSegError
+from .resources import resource
 
 #: The module's own terminology file (Slicer loads it at startup; headless scenes on request).
-TERMINOLOGY_FILE = Path(__file__).resolve().parent.parent / "Resources" / (
-    "SegmentationCategoryTypeModifier-ParaspinalSeg.term.json"
-)
+TERMINOLOGY_FILE = resource("SegmentationCategoryTypeModifier-ParaspinalSeg.term.json")
 
 
 class TerminologyError(ParaspinalSegError, RuntimeError):

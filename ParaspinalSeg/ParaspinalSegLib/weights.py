@@ -29,6 +29,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 from . import __version__ as LIBRARY_VERSION
 from .anatomy import BY_VALUE, LABEL_TABLE_VERSION, NUM_CLASSES
 from .errors import ParaspinalSegError, WeightsError, import_torch
+from .resources import resource
 from .weights_schema import MAX_CONFIG_BYTES, ConfigProblem, check_config, parse_config_text
 from .serialisation import json_ready
 
@@ -38,7 +39,7 @@ FORMAT_NAME = "paraspinalseg-weights"
 FORMAT_VERSION = 1
 
 #: The model shipped with the extension (may be absent in a development checkout).
-DEFAULT_WEIGHTS = Path(__file__).parents[1] / "Resources/Models/bsesnet_default.json"
+DEFAULT_WEIGHTS = resource("Models/bsesnet_default.json")
 
 PathLike = Union[str, Path]
 
@@ -144,7 +145,15 @@ class WeightsConfig:
                      if str(v).isdigit() and int(v) in BY_VALUE and isinstance(d, dict)
                      and isinstance(d.get("dice"), (int, float)) and not isinstance(d.get("dice"), bool)]
             head = f"cross-validation{' ' + label if label else ''} ({scope}, {cv.get('slices', '?')} slices): mean Dice {100 * mean:.1f} %"
-            lines.append(head + (f" ({', '.join(parts)})" if parts else ""))
+            line = head + (f" ({', '.join(parts)})" if parts else "")
+            # training.train checks a CV against the exported model's data and configuration.
+            if cv.get("matches_model") is False:
+                reasons = cv.get("mismatch")
+                reasons = [str(r) for r in reasons] if isinstance(reasons, list) and reasons else ["data or configuration differ"]
+                line += " — NOT a measure of these weights: " + "; ".join(reasons)
+            elif cv.get("matches_model") is None:
+                line += " — not checked against these weights' data and configuration"
+            lines.append(line)
         return lines
 
 

@@ -196,3 +196,30 @@ def test_cpu_bfloat16_run_lowers_loss_and_records_precision(tmp_path):
 
     model, _ = load_weights(res.final_weights)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_cv_metrics_are_recorded_as_a_measure_only_of_a_matching_model(tmp_path):
+    """Bug: --cv-report recorded any CV into any exported model. Now each report is checked against the
+    model's configuration and slices, and a mismatch is labelled in the model card."""
+    from ParaspinalSegLib.weights import read_weights_config, save_weights
+    from training.config import network_config
+    from training.provenance import check_cv_reports
+    from ParaspinalSegLib.network import build_network
+
+    recs = _records(4)
+    config = tiny_config(epochs=1, network={"preset": "unet"})
+    cross_validate(config, recs, tmp_path / "cv", k=2, progress=False)
+    reports = read_cv_reports([tmp_path / "cv"])
+    assert check_cv_reports(reports, config, list(reversed(recs)))["cv"]["matches_model"] is True
+    other_config = check_cv_reports(reports, tiny_config(epochs=2, network={"preset": "unet"}), recs)["cv"]
+    assert other_config["matches_model"] is False and "configuration" in other_config["mismatch"][0]
+    more_data = check_cv_reports(reports, config, recs + _records(5)[4:])["cv"]
+    assert more_data["mismatch"] == ["it covers other slices (4 vs the model's 5)"]
+    old = check_cv_reports({"old": {"mean_dice": 0.9}}, config, recs)["old"]
+    assert "no configuration/data fingerprint" in old["mismatch"][0]
+
+    model = build_network(network_config(config))
+    path = save_weights(model, tmp_path / "w", structures_learned=[6, 7, 8, 9],
+                        training={"cross_validation": {"cv": other_config}})
+    line = next(l for l in read_weights_config(path).summary().splitlines() if l.startswith("cross-validation"))
+    assert "NOT a measure of these weights: it was run with a different training configuration" in line

@@ -331,14 +331,16 @@ def _cv_metrics(mean: float, folds_run: list[int]) -> dict:
 
 
 def test_summary_shows_the_recorded_cross_validation(tmp_path):
-    by_folder = {"cv_bsesnet": _cv_metrics(0.8957, [0, 1, 2, 3, 4]), "cv_unet": _cv_metrics(0.8937, [0])}
+    by_folder = {"cv_bsesnet": {**_cv_metrics(0.8957, [0, 1, 2, 3, 4]), "matches_model": True},
+                 "cv_unet": _cv_metrics(0.8937, [0])}
     path = save_weights(small_model(), tmp_path / "cv", structures_learned=[1, 6], training={"cross_validation": by_folder},
                         metrics={"val_dice_model_grid": None, "final_loss": 0.25})
     text = read_weights_config(path).summary()
     lines = [l for l in text.splitlines() if l.startswith("cross-validation")]
     assert lines == [
         "cross-validation cv_bsesnet (5-fold, 135 slices): mean Dice 89.6 % (intervertebral disc 96.8, left multifidus 82.3)",
-        "cross-validation cv_unet (folds [0] of 5, 27 slices): mean Dice 89.4 % (intervertebral disc 96.8, left multifidus 82.3)",
+        "cross-validation cv_unet (folds [0] of 5, 27 slices): mean Dice 89.4 % (intervertebral disc 96.8, left multifidus 82.3)"
+        " — not checked against these weights' data and configuration",
     ]
     # A metric that was never measured is left out rather than printed as "None".
     assert "final_loss=0.250" in text and "None" not in text
