@@ -1,0 +1,50 @@
+"""Golden test of the shipped model: the shipped sample, segmented with the shipped weights by
+``paraspinalseg segment``, must give the stored label map and measurement table (``golden/``).
+
+Tolerances per structure (``tools/make_golden.py``): at most 1 % of the structure's reference pixels (at
+least 3) may change label; CSA, functional CSA and threshold within 1 %; fat % within 0.5 points; found /
+method exactly. A change that moves the result on purpose regenerates the reference with
+``python tools/make_golden.py`` in the same commit.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+TOOL = Path(__file__).resolve().parents[3] / "tools" / "make_golden.py"
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("make_golden", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shipped_model_on_the_sample_matches_the_golden_reference(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("slicer")
+    golden = _tool()
+    if not golden.SAMPLE.is_file():
+        pytest.skip("the shipped sample is not in this checkout")
+    labels, table = golden.segment_sample(tmp_path)
+    problems = golden.compare(labels, golden.read_table(table))
+    assert not problems, "the shipped model's result on the sample moved:\n" + "\n".join(problems)
+
+
+def test_the_comparison_sees_a_moved_result(tmp_path):
+    """The tolerances are tight enough to catch a one-pixel-wide shift of a muscle's border."""
+    import numpy as np
+
+    golden = _tool()
+    ref = np.load(golden.GOLDEN_DIR / golden.LABELS_FILE)["labels"]
+    table = golden.read_table(golden.GOLDEN_DIR / golden.TABLE_FILE)
+    assert golden.compare(ref, table) == []
+    moved = ref.copy()
+    moved[np.roll(ref == 6, 1, axis=1)] = 6  # left multifidus one pixel wider on one side
+    assert any("left multifidus" in p for p in golden.compare(moved, table))
+    table[5]["Fat (%)"] = str(float(table[5]["Fat (%)"] or 0) + 1.0)
+    assert any("fat %" in p for p in golden.compare(ref, table))
