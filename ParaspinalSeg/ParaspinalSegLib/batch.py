@@ -41,6 +41,7 @@ from .interrupts import deferred, raise_pending
 from .outputs import StagedOutputs, atomic_write_text, remove_stale_staging, safe_output_name
 from .runlock import FolderLock
 from .slice_outputs import (  # noqa: F401 - segment_file / segment_volume_to_folder: the one-slice API, kept here too
+    OUTPUT_SUFFIXES,
     SegmentOutputs,
     check_slice,
     load_segmenter,
@@ -112,7 +113,7 @@ def read_batch_list(path: str | os.PathLike) -> list[BatchItem]:
 
     def path_cell(cells: list[str], i: Optional[int]) -> str:
         text = cells[i] if i is not None and i < len(cells) else ""
-        return str(p.parent / text) if text and not os.path.isabs(text) else text
+        return os.path.abspath(p.parent / text) if text else text
 
     for line_no, cells in enumerate(csv.reader(text.splitlines(), dialect), start=1):
         cells = [c.strip() for c in cells]
@@ -126,8 +127,8 @@ def read_batch_list(path: str | os.PathLike) -> list[BatchItem]:
                                for field, words in _DIXON_COLUMNS.items()}
                 continue
         volume = cells[0]
-        if volume and not os.path.isabs(volume):
-            volume = str((p.parent / volume))
+        if volume:  # absolute, so a run is the same run whichever folder --resume is started from
+            volume = os.path.abspath(p.parent / volume)
         slice_text = cells[1] if len(cells) > 1 else ""
         level = cells[2] if len(cells) > 2 else ""
         item = BatchItem(row=line_no, volume=volume, slice_index=None, level=level,
@@ -201,6 +202,8 @@ class BatchRun:
     #: Rows done by an earlier (interrupted) run and kept.
     resumed_done: int = 0
     replace_existing: bool = False
+    #: ``--overwrite``: the previous run's row folders go when this run starts.
+    replace_previous: bool = False
     _tables: dict[int, tuple[list[str], list[list[str]]]] = field(default_factory=dict, repr=False)
 
     # -- combined files -------------------------------------------------------------------------------
@@ -263,6 +266,14 @@ class BatchRun:
             atomic_write_text(self.out / ERRORS_CSV, self._errors_text())
             atomic_write_text(self.out / RUN_RECORD, json.dumps(self.to_dict(), indent=1) + "\n")
 
+    def start(self) -> None:
+        """Take the folder over (with its lock held): remove what a killed run left and, with
+        ``--overwrite``, the previous run's row folders; write the initial combined files and record."""
+        if self.replace_previous:
+            _remove_previous_run(self.out)
+        remove_stale_staging(self.out)
+        self.save()
+
     def counts(self) -> dict[str, int]:
         c = {"done": 0, "failed": 0, "pending": 0}
         for r in self.rows:
@@ -313,17 +324,15 @@ def prepare_run(
     """Decide what a run into ``out_dir`` does, before any model is loaded (call with the folder's lock).
 
     Refuses (:class:`OutputExistsError`, :class:`InputError`) a folder with outputs unless ``overwrite``
-    or ``resume``; a resume must have the recorded run's rows and settings. Writes the run's initial
-    combined files and record.
+    or ``resume``; a resume must have the recorded run's rows and settings. Writes nothing:
+    :meth:`BatchRun.start` does, once the model has loaded.
     """
     if overwrite and resume:
         raise InputError("--resume and --overwrite exclude each other (continue the run, or replace it)")
     out = Path(out_dir)
     rows = plan_rows(items)
     record = read_run_record(out) if not overwrite else None
-    run = BatchRun(out, rows, dict(settings), replace_existing=overwrite or resume)
-    if overwrite:
-        _remove_previous_run(out)
+    run = BatchRun(out, rows, dict(settings), replace_existing=overwrite or resume, replace_previous=overwrite)
     if record is not None and not resume:
         raise OutputExistsError(
             f"{out} holds {_describe_record(record)}; continue it with --resume or replace it with --overwrite"
@@ -340,9 +349,17 @@ def prepare_run(
                 f"{out} is not empty: {what} holds outputs this run would replace ({shown}); "
                 "use --overwrite to replace them or choose another --out"
             )
-    remove_stale_staging(out)
-    run.save()
     return run
+
+
+def _row_complete(out: Path, folder: str, table: str) -> bool:
+    """Whether a recorded row's folder holds its five outputs (its table is ``<folder>/<name>_measurements.csv``)."""
+    parts = Path(table).parts
+    suffix = OUTPUT_SUFFIXES["measurements"]
+    if len(parts) != 2 or parts[0] != folder or not parts[1].endswith(suffix):
+        return False
+    name = parts[1][: -len(suffix)]
+    return all(p.is_file() for p in output_paths(out / folder, name).values())
 
 
 def _remove_previous_run(out: Path) -> None:
@@ -379,7 +396,7 @@ def _carry_over(run: BatchRun, record: dict[str, Any]) -> None:
     run.started = str(record.get("started") or run.started)
     for row, old in zip(run.rows, old_rows):
         table = str(old.get("table") or "")
-        if old.get("status") == "done" and old.get("folder") == row.folder and table and (run.out / table).is_file():
+        if old.get("status") == "done" and old.get("folder") == row.folder and _row_complete(run.out, row.folder, table):
             row.status, row.table = "done", table
             row.warnings = [str(w) for w in old.get("warnings") or [] if isinstance(w, str)]
             run.resumed_done += 1
@@ -545,6 +562,7 @@ def execute_run(run: BatchRun, segmenter: Any, *, threshold_method: Any = "auto"
     todo = [r for r in run.rows if r.status != "done"]
     session = SceneSession()
     try:
+        run.start()
         for row in tqdm(todo, desc="segmenting", unit="slice", disable=not progress, leave=False):
             raise_pending()
             row.status, row.error, row.table, row.warnings = "pending", "", "", []
@@ -638,6 +656,7 @@ def run_batch_file(
         run = prepare_run(items, out_dir, settings, overwrite=overwrite, resume=resume)
         t0 = time.perf_counter()
         segmenter = load_segmenter(weights, device, threads, mirror_tta)
+        raise_pending()  # a signal held back during torch's import takes effect before the first row
         load_s = time.perf_counter() - t0
         summary = execute_run(run, segmenter, threshold_method=threshold_method, progress=progress,
                               dixon_defaults=dixon_defaults, dixon_noise_floor=dixon_noise_floor)

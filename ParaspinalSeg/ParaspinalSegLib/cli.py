@@ -11,10 +11,11 @@ Every failure prints one ``paraspinalseg: …`` line (no traceback) and leaves n
 (:data:`EXIT_CODES`, README "What happens when things go wrong"): 0 done; 1 the file system failed
 (disk full, no permission); 2 bad input, arguments or weights, or outputs that exist without
 ``--overwrite``; 3 the output folder is locked by another run; 70 an internal error (a bug: set
-``PARASPINALSEG_DEBUG=1`` for the traceback); 130 / 143 interrupted by SIGINT (Ctrl-C) / SIGTERM.
-Heavy modules (torch, VTK/MRML, SimpleITK) are imported only by the code paths that need them, so
-``--help`` and ``--version`` answer at once; they are imported with signals held back (an interrupt
-half-way through a C extension's import used to crash the process).
+``PARASPINALSEG_DEBUG=1`` for the traceback); 130 / 143 / 129 interrupted by SIGINT (Ctrl-C) / SIGTERM /
+SIGHUP. Heavy modules (torch, VTK/MRML, SimpleITK) are imported only by the code paths that need them,
+so ``--help`` and ``--version`` answer at once and bad input fails before torch loads; a signal that
+arrives during any import is held back to the next safe point (an interrupt half-way through a C
+extension's import used to crash the process).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ EXIT_CODES: dict[int, str] = {
     EXIT_INPUT_ERROR: "bad input, arguments or weights, or outputs exist (use --overwrite); nothing was written",
     EXIT_LOCKED: "the output folder is in use by another run (the message names it)",
     EXIT_INTERNAL_ERROR: "internal error (a bug; PARASPINALSEG_DEBUG=1 shows the traceback)",
+    129: "interrupted by SIGHUP (the terminal closed)",
     130: "interrupted by SIGINT (Ctrl-C)",
     143: "interrupted by SIGTERM",
 }
@@ -227,7 +229,8 @@ def _run_batch(args: argparse.Namespace) -> int:
         weights=args.weights,
         device=args.device,
         threshold_method=args.threshold_method,
-        progress=not args.no_progress,
+        # A progress bar only on a terminal: in a log file its redraws bury the messages.
+        progress=not args.no_progress and sys.stderr.isatty(),
         threads=args.threads,
         mirror_tta=args.mirror_tta,
         overwrite=args.overwrite,
@@ -252,19 +255,15 @@ def _run_info(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------
 
 
-#: What each command imports before it starts (with signals held back, see :mod:`interrupts`).
-_HEAVY_MODULES = {
-    "segment": ("numpy", "SimpleITK", "vtk", "slicer", "torch"),
-    "batch": ("numpy", "SimpleITK", "vtk", "slicer", "torch"),
-    "measure": ("numpy", "SimpleITK"),
-}
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``paraspinalseg`` console script; returns the exit status."""
     installed = interrupts.install()
     try:
-        return _main(argv)
+        try:
+            return _main(argv)
+        except Interrupted as exc:  # arrived while another outcome was being reported: it wins
+            _say(f"interrupted by {exc.signal_name}")
+            return exc.exit_code
     finally:
         if installed and argv is not None:  # called in-process (tests): leave the caller's handlers as they were
             interrupts.uninstall()
@@ -278,7 +277,6 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             if not getattr(args, "func", None):
                 parser.print_help()
                 return EXIT_INPUT_ERROR
-            interrupts.import_heavy_modules(*_HEAVY_MODULES.get(args.command, ()))
         status = int(args.func(args) or 0)
         interrupts.raise_pending()
         return status
@@ -309,8 +307,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 
 
 def _say(line: str) -> None:
-    with interrupts.deferred():
-        print(f"{PROG}: {line}", file=sys.stderr, flush=True)
+    print(f"{PROG}: {line}", file=sys.stderr, flush=True)
 
 
 def _os_error_line(exc: OSError) -> str:

@@ -135,13 +135,13 @@ def measure_files(
         if not ks:
             notes.append("the segmentation has none of the nine structures on any slice")
 
-    for k in ks:
-        bad = ~np.isfinite(image[k])
-        if bad.any():
-            raise MeasureError(
-                f"slice {k} of {volume.name} has {int(bad.sum())} NaN or infinite voxels of {bad.size}: "
-                "areas and fat % cannot be measured on it"
-            )
+    bad = ~np.isfinite(image)
+    if bad.any():
+        slices = sorted({int(k) for k in np.nonzero(bad)[0]})
+        raise MeasureError(
+            f"{volume.name} has {int(bad.sum())} NaN or infinite voxels (slices {', '.join(map(str, slices[:5]))}"
+            f"{', …' if len(slices) > 5 else ''}): fat thresholds and intensities cannot be measured; fix the file"
+        )
     rows: list[dict[str, Any]] = []
     asym_rows: list[dict[str, Any]] = []
     for k in ks:

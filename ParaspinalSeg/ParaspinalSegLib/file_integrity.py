@@ -172,6 +172,9 @@ def read_nifti_header(raw: bytes, name: str = "file") -> Optional[NiftiHeader]:
 
 
 def _check_nifti(path: Path, gz: bool) -> None:
+    # Trust the bytes, not the name: ITK reads a gzip stream whatever the file is called.
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
     try:
         if gz:
             with gzip.open(path, "rb") as f:
@@ -193,7 +196,7 @@ def _check_nifti(path: Path, gz: bool) -> None:
             _check_size(path, path, offset, header.data_bytes, None)
         return
     # A .hdr/.img pair: the voxels are in the .img next to it.
-    stem = path.name[: -len(".hdr.gz")] if gz else path.stem
+    stem = path.name[: -len(".hdr.gz")] if path.name.lower().endswith(".gz") else path.stem
     for img in (path.with_name(stem + ".img"), path.with_name(stem + ".img.gz")):
         if img.is_file():
             _check_size(path, img, 0 if img.name.endswith(".gz") else int(header.vox_offset), header.data_bytes,
@@ -311,10 +314,8 @@ def check_file_complete(path: str | os.PathLike) -> None:
     p = Path(path)
     name = p.name.lower()
     try:
-        if name.endswith((".nii", ".hdr")):
-            _check_nifti(p, gz=False)
-        elif name.endswith((".nii.gz", ".hdr.gz")):
-            _check_nifti(p, gz=True)
+        if name.endswith((".nii", ".hdr", ".nii.gz", ".hdr.gz")):
+            _check_nifti(p, gz=name.endswith(".gz"))
         elif name.endswith((".nrrd", ".nhdr")):
             _check_nrrd(p)
         elif name.endswith((".mha", ".mhd")):

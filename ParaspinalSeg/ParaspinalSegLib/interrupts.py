@@ -1,4 +1,4 @@
-"""SIGINT / SIGTERM for the command line: turn them into :class:`~ParaspinalSegLib.errors.Interrupted`,
+"""SIGINT / SIGTERM / SIGHUP for the command line: turn them into :class:`~ParaspinalSegLib.errors.Interrupted`,
 and hold them back during steps that must not be cut in half.
 
 :func:`install` makes both signals raise ``Interrupted`` (a ``BaseException``) in the main thread, so the
@@ -20,11 +20,12 @@ from typing import Any, Iterator, Optional
 
 from .errors import Interrupted
 
+#: SIGINT (Ctrl-C), SIGTERM (kill, job schedulers) and SIGHUP (the terminal closed), where they exist.
 HANDLED_SIGNALS: tuple[int, ...] = tuple(
-    s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None
+    s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s is not None
 )
 
-_state: dict[str, Any] = {"depth": 0, "pending": None, "raised": None, "installed": False}
+_state: dict[str, Any] = {"depth": 0, "pending": None, "raised": None, "installed": False, "previous": {}}
 
 
 def _in_import(frame: Any) -> bool:
@@ -59,23 +60,23 @@ def raise_pending() -> None:
 
 
 def install() -> bool:
-    """Route SIGINT and SIGTERM to :class:`Interrupted` (main thread only; returns whether it did)."""
+    """Route SIGINT, SIGTERM and SIGHUP to :class:`Interrupted` (main thread only; returns whether it did)."""
     if threading.current_thread() is not threading.main_thread():
         return False
+    previous = {s: signal.getsignal(s) for s in HANDLED_SIGNALS}
     for s in HANDLED_SIGNALS:
         signal.signal(s, _handler)
-    _state.update(depth=0, pending=None, raised=None, installed=True)
+    _state.update(depth=0, pending=None, raised=None, installed=True, previous=previous)
     return True
 
 
 def uninstall() -> None:
-    """Put the default handlers back (tests that call the CLI in-process)."""
+    """Put back the handlers :func:`install` replaced (tests that call the CLI in-process)."""
     if threading.current_thread() is not threading.main_thread() or not _state["installed"]:
         return
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    if hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _state.update(depth=0, pending=None, raised=None, installed=False)
+    for s, handler in _state["previous"].items():
+        signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+    _state.update(depth=0, pending=None, raised=None, installed=False, previous={})
 
 
 def pending() -> Optional[int]:
@@ -96,18 +97,3 @@ def deferred() -> Iterator[None]:
     finally:
         _state["depth"] -= 1
         raise_pending()
-
-
-def import_heavy_modules(*names: str) -> None:
-    """Import C-extension packages (``vtk``, ``slicer``, ``torch``, ``SimpleITK``) with signals held back.
-
-    Absent packages are skipped here; the code that needs them reports that with its own message.
-    """
-    import importlib
-
-    with deferred():
-        for name in names:
-            try:
-                importlib.import_module(name)
-            except ImportError:
-                pass

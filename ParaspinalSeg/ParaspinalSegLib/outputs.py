@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import OutputExistsError
+from .errors import InputError, Interrupted, OutputExistsError
 from .interrupts import deferred
 
 STAGING_PREFIX = ".paraspinalseg-staging-"
@@ -50,6 +50,30 @@ def safe_output_name(name: str, fallback: str = "volume") -> str:
     cleaned = cleaned.lstrip(".-").rstrip(".")
     cleaned = cleaned[:MAX_NAME_CHARS].rstrip(".")
     return cleaned if cleaned.strip("_") else fallback
+
+
+def make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return the ones created (outermost first).
+
+    A path whose existing part is a file is the user's mistake: :class:`InputError`, nothing created.
+    """
+    missing: list[Path] = []
+    p = Path(folder)
+    while not p.exists():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        raise InputError(f"the output folder {folder} cannot be made: {p} is a file, not a folder")
+    created: list[Path] = []
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:  # made by someone else meanwhile: not ours to remove
+            continue
+        created.append(d)
+    return created
 
 
 def _fsync_path(path: Path) -> None:
@@ -100,7 +124,6 @@ def verify_output_file(path: Path) -> None:
         if head != b"\x89PNG\r\n\x1a\n" or b"IEND" not in tail:
             raise OSError(errno.EIO, f"{path.name} was written incomplete (PNG without its end chunk)")
     elif name.endswith((".nrrd", ".nhdr", ".nii", ".nii.gz")):
-        from .errors import InputError
         from .file_integrity import check_file_complete
 
         try:
@@ -147,9 +170,14 @@ class StagedOutputs:
     # -- life cycle ---------------------------------------------------------------------------------
 
     def __enter__(self) -> "StagedOutputs":
-        with deferred():
-            self._make_target()
-            self.staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.target))
+        try:
+            with deferred():
+                self._make_target()
+                self.staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.target))
+        except BaseException:  # an interrupt held back above is raised here, where __exit__ will not run
+            with deferred():
+                self.discard()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -157,18 +185,7 @@ class StagedOutputs:
             self.discard()
 
     def _make_target(self) -> None:
-        missing: list[Path] = []
-        p = self.target
-        while not p.exists():
-            missing.append(p)
-            if p.parent == p:
-                break
-            p = p.parent
-        if p.exists() and not p.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, "output path is a file, not a folder", str(p))
-        for d in reversed(missing):
-            d.mkdir()
-            self._created_dirs.append(d)
+        self._created_dirs = make_folders(self.target)
 
     def discard(self) -> None:
         """Remove the staging folder and the folders this stage created, if they stayed empty."""
@@ -205,6 +222,16 @@ class StagedOutputs:
         """Flush, check and move every staged entry into ``target``; all appear or none do."""
         assert self.staging is not None, "commit() outside the with-block"
         names = self.entries()
+        try:
+            self._commit(names)
+        except Interrupted as exc:  # held back until every entry had moved in: say so
+            if self.committed and not getattr(exc, "detail", ""):
+                exc.detail = f"the outputs were complete by then and are in {self.target}"
+            raise
+        return self.committed
+
+    def _commit(self, names: list[str]) -> None:
+        assert self.staging is not None
         with deferred():
             for n in names:
                 _flush_and_verify(self.staging / n)
@@ -238,7 +265,6 @@ class StagedOutputs:
                 self._undo(placed)
                 raise
             self.committed = [p for p, _ in placed]
-        return self.committed
 
     def _undo(self, placed: list[tuple[Path, Optional[Path]]]) -> None:
         assert self.staging is not None

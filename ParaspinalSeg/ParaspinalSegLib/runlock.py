@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import OutputFolderLockedError
+from .interrupts import deferred
+from .outputs import make_folders
 
 try:  # POSIX
     import fcntl
@@ -87,13 +89,21 @@ class FolderLock:
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
         self._fd: Optional[int] = None
+        self._created: list[Path] = []
 
     def __enter__(self) -> "FolderLock":
-        self.acquire()
+        try:
+            with deferred():  # an interrupt must not leave a lock file nobody holds
+                self.acquire()
+        except BaseException:  # an interrupt held back above is raised here, where __exit__ will not run
+            with deferred():
+                self.release()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        self.release()
+        with deferred():
+            self.release()
 
     def _refuse(self, info: dict[str, Any]) -> OutputFolderLockedError:
         return OutputFolderLockedError(
@@ -103,8 +113,10 @@ class FolderLock:
         )
 
     def acquire(self) -> None:
-        """Take the lock or raise :class:`OutputFolderLockedError`; writes this process's record."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        """Take the lock or raise :class:`OutputFolderLockedError`; writes this process's record.
+
+        Folders it has to create are removed again by :meth:`release` if the run left them empty."""
+        self._created = make_folders(self.folder)
         if fcntl is None:  # pragma: no cover - Windows
             self._acquire_exclusive_create()
             return
@@ -164,3 +176,7 @@ class FolderLock:
         with contextlib.suppress(OSError):
             os.close(self._fd)
         self._fd = None
+        for d in reversed(self._created):  # a run that wrote nothing leaves no folder behind
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        self._created = []

@@ -34,6 +34,7 @@ import numpy as np
 from . import anatomy
 from .errors import InputError
 from .geometry import vtk_matrix_from_array
+from .interrupts import raise_pending
 from .outputs import StagedOutputs, check_no_existing, safe_output_name
 from .validation import check_slice_index, validate_slice
 from .volume_io import Volume, check_slice_geometry, read_volume, write_label_volume
@@ -384,6 +385,7 @@ def segment_file(
     if not str(volume_path).strip():
         raise InputError("no volume given")
     volume = read_volume(volume_path)
+    raise_pending()  # a Ctrl-C held back during the reader's imports takes effect here
     k = resolve_slice(volume, k)
     warnings = check_slice(volume, k)
     if not overwrite:
@@ -391,6 +393,7 @@ def segment_file(
     t_load = time.perf_counter()
     if segmenter is None:
         segmenter = load_segmenter(weights, device, threads, mirror_tta)
+        raise_pending()
     load_s = time.perf_counter() - t_load
     outputs = segment_volume_to_folder(
         volume, k, out_dir, segmenter, level=level, threshold_method=threshold_method, overwrite=overwrite,

@@ -30,7 +30,7 @@ from . import __version__ as LIBRARY_VERSION
 from .anatomy import BY_VALUE, LABEL_TABLE_VERSION, NUM_CLASSES
 from .errors import ParaspinalSegError, WeightsError, import_torch
 from .resources import resource
-from .weights_schema import MAX_CONFIG_BYTES, ConfigProblem, check_config, parse_config_text
+from .weights_schema import MAX_CONFIG_BYTES, ConfigProblem, check_config, estimated_parameters, parse_config_text
 from .serialisation import json_ready
 
 #: Value of the JSON ``"format"`` field that marks a ParaspinalSeg weights config.
@@ -378,6 +378,13 @@ def verify_weights_file(config: WeightsConfig) -> bytes:
     wpath = config.weights_path
     if not wpath.is_file():
         raise WeightsError(f"weights file not found: {wpath} (named in {config.json_path})")
+    # Nothing is read that the architecture cannot need: at most 8 bytes per parameter, plus the header.
+    size, limit = wpath.stat().st_size, 8 * estimated_parameters(config.architecture) + _MAX_HEADER_BYTES
+    if size > limit:
+        raise WeightsError(
+            f"{wpath} has {size} bytes, more than the architecture in {config.json_path} can need "
+            f"(at most {limit}); not a matching weights file"
+        )
     data = wpath.read_bytes()
     check_safetensors_layout(data, wpath)
     actual = sha256_bytes(data)

@@ -67,6 +67,26 @@ def save_tiny_weights() -> Callable[..., Any]:
 
 
 @pytest.fixture
+def tampered_weights(tmp_path) -> Callable[[Any], Any]:
+    """Factory: a copy of weights ``json_path`` (JSON + tensors) in ``tmp_path/bad`` with one tensor byte
+    changed (same size, same layout, wrong checksum: refused when the model loads); returns the JSON path."""
+
+    def factory(json_path):
+        from pathlib import Path
+
+        bad = tmp_path / "bad"
+        bad.mkdir(exist_ok=True)
+        for suffix in (".json", ".safetensors"):
+            (bad / f"tiny{suffix}").write_bytes(Path(json_path).with_suffix(suffix).read_bytes())
+        data = bytearray((bad / "tiny.safetensors").read_bytes())
+        data[-5] ^= 0xFF
+        (bad / "tiny.safetensors").write_bytes(bytes(data))
+        return bad / "tiny.json"
+
+    return factory
+
+
+@pytest.fixture
 def mrml_headless(tmp_path) -> Iterator[tuple[Any, Any]]:
     """``(scene, app_logic)``: a fresh headless MRML scene per test.
 

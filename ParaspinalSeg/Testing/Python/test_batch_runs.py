@@ -258,3 +258,59 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, listing, weights, 
     code = cli.main(list(map(str, _batch_args(listing, out, weights, "--resume"))))
     assert code == 0, capsys.readouterr().err
     assert assert_consistent(out)["state"] == "finished"
+
+
+def test_sighup_stops_a_batch_like_sigterm(tmp_path, listing, weights):
+    if not Path("/proc/self/status").exists() or not hasattr(signal, "SIGHUP"):
+        pytest.skip("needs /proc and SIGHUP")
+    out, tmpdir = tmp_path / "out", tmp_path / "tmp"
+    proc = _spawn(_batch_args(listing, out, weights), tmpdir)
+    try:
+        _wait_for(lambda: len(_row_folders(out)) >= 1, proc, "a row folder")
+        proc.send_signal(signal.SIGHUP)
+        _, err = proc.communicate(timeout=TIMEOUT_S)
+    finally:
+        proc.kill()
+    assert proc.returncode == 129 and err.strip().startswith("paraspinalseg: interrupted by SIGHUP"), err
+    assert assert_consistent(out)["interrupted_by"] == "SIGHUP"
+
+
+def test_a_run_that_fails_before_its_first_row_leaves_nothing(tmp_path, listing, weights, capsys, tampered_weights):
+    bad = tampered_weights(weights)  # fails only when the model loads, after the folder was checked and locked
+    out = tmp_path / "new" / "out"
+    code = cli.main(list(map(str, _batch_args(listing, out, bad))))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == cli.EXIT_INPUT_ERROR and len(err) == 1 and "checksum" in err[0], err
+    assert not (tmp_path / "new").exists()
+
+    # A previous run replaced with --overwrite stays as it was when the new run cannot start.
+    out = tmp_path / "out"
+    assert cli.main(list(map(str, _batch_args(listing, out, weights)))) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code = cli.main(list(map(str, _batch_args(listing, out, bad, "--overwrite"))))
+    capsys.readouterr()
+    assert code == cli.EXIT_INPUT_ERROR and {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_out_that_is_a_file_is_an_input_error(tmp_path, listing, weights, capsys):
+    (tmp_path / "taken").write_text("x")
+    code = cli.main(list(map(str, _batch_args(listing, tmp_path / "taken", weights))))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == cli.EXIT_INPUT_ERROR and len(err) == 1 and "is a file, not a folder" in err[0]
+    assert (tmp_path / "taken").read_text() == "x"
+
+
+def test_resume_from_another_folder_and_a_damaged_row_is_redone(tmp_path, listing, weights, capsys, monkeypatch):
+    out = tmp_path / "out"
+    assert cli.main(list(map(str, _batch_args(listing, out, weights)))) == 0
+    record = json.loads((out / "batch_run.json").read_text())
+    damaged = record["rows"][1]["folder"]
+    next((out / damaged).glob("*_overlay.png")).unlink()  # a row folder that lost a file is not done
+    kept = {r["folder"]: (out / r["folder"]).stat().st_ino for r in record["rows"] if r["folder"] != damaged}
+    monkeypatch.chdir(listing.parent.parent)
+    relative = Path(listing.parent.name) / listing.name  # the same list, named from elsewhere
+    code = cli.main(list(map(str, _batch_args(relative, out, weights, "--resume"))))
+    stdout = capsys.readouterr().out
+    assert code == 0 and f"({N_ROWS - 1} done before, kept)" in stdout
+    assert {f: (out / f).stat().st_ino for f in kept} == kept
+    assert len(os.listdir(out / damaged)) == 5 and assert_consistent(out)["state"] == "finished"

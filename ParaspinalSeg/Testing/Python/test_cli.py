@@ -276,16 +276,10 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(capsys, tmp_path, wei
     assert not out.exists()
 
 
-def test_weights_failing_checksum_is_refused_and_nothing_written(capsys, tmp_path, volume, weights):
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for suffix in (".json", ".safetensors"):
-        (bad / f"tiny{suffix}").write_bytes(weights.with_suffix(suffix).read_bytes())
-    data = bytearray((bad / "tiny.safetensors").read_bytes())
-    data[-5] ^= 0xFF  # one tensor byte changed: same size, same layout, wrong checksum
-    (bad / "tiny.safetensors").write_bytes(bytes(data))
+def test_weights_failing_checksum_is_refused_and_nothing_written(capsys, tmp_path, volume, weights, tampered_weights):
+    bad = tampered_weights(weights)  # one tensor byte changed: same size, same layout, wrong checksum
     out = tmp_path / "out"
-    code, _, err = run_cli(capsys, "segment", volume, "--slice", 0, "--weights", bad / "tiny.json",
+    code, _, err = run_cli(capsys, "segment", volume, "--slice", 0, "--weights", bad,
                            "--device", "cpu", "--out", out)
     assert code == 2
     lines = err.strip().splitlines()

@@ -190,3 +190,11 @@ def test_compressed_stream_cut_inside_its_header_is_refused(tmp_path):
     with pytest.raises(InputError, match="truncated or corrupt"):
         volume_io.read_volume(path)
     assert zlib  # zlib streams are what MetaImage compresses with
+
+
+def test_gzip_stream_under_a_plain_name_is_checked_as_gzip(tmp_path):
+    path = _write(tmp_path / "v.nii.gz", compress=True)
+    renamed = tmp_path / "renamed.nii"
+    renamed.write_bytes(path.read_bytes()[: int(path.stat().st_size * 0.9)])
+    with pytest.raises(InputError, match="truncated"):
+        volume_io.read_volume(renamed)

@@ -155,3 +155,11 @@ def test_cli_refuses_hostile_weights_with_one_line_and_writes_nothing(tmp_path, 
         err = capsys.readouterr().err.strip().splitlines()
         assert code == cli.EXIT_INPUT_ERROR and len(err) == 1 and "architecture.base_width" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_tensor_file_larger_than_the_architecture_can_need_is_not_read(weights):
+    st = weights.with_suffix(".safetensors")
+    with open(st, "ab") as f:
+        f.truncate(200 * 1024 * 1024)  # sparse: 200 MB for a network of a few thousand parameters
+    with pytest.raises(WeightsError, match="more than the architecture .* can need"):
+        load_weights(weights)
