@@ -59,6 +59,7 @@ def test_stack_mode_equals_one_call_per_slice(tmp_path, weights, capsys):
     out = tmp_path / "stack_out"
     assert cli.main(["segment", str(vol), "--slices", "1-3", "--batch-size", "2", "--weights", str(weights),
                      "--out", str(out)]) == 0
+    stack_stdout = capsys.readouterr().out
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["stack.seg.nrrd", "stack_labels.nii.gz", "stack_boxes.mrk.json", "stack_measurements.csv"]
                            + [f"stack_slice{k}_overlay.png" for k in (1, 2, 3)])
@@ -80,8 +81,11 @@ def test_stack_mode_equals_one_call_per_slice(tmp_path, weights, capsys):
         np.testing.assert_array_equal(_labels(single / "stack_labels.nii.gz")[k], stack_labels[k])
         one = _rows(single / "stack_measurements.csv")
         mine = [r for r in rows if r["Slice"] == str(k)]
-        assert [(r["Segment ID"], r["CSA (mm2)"], r["Fat (%)"], r["Position (mm)"]) for r in one] == \
-               [(r["Segment ID"], r["CSA (mm2)"], r["Fat (%)"], r["Position (mm)"]) for r in mine]
+        assert [(r["Segment ID"], r["CSA (mm2)"], r["Fat (%)"], r["Position (mm)"], r["QC"]) for r in one] == \
+               [(r["Segment ID"], r["CSA (mm2)"], r["Fat (%)"], r["Position (mm)"], r["QC"]) for r in mine]
+    assert all(r["QC"] == "ok" or r["QC"].startswith("check: ") for r in rows)
+    flagged = {r["Slice"] for r in rows if r["QC"] != "ok"}
+    assert f"QC: {len(flagged)} of 3 slices flagged" in stack_stdout
     capsys.readouterr()
 
 
