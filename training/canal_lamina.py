@@ -11,7 +11,8 @@ Rules on the anatomical frame of ``training.spine_frame`` (all lengths in mm) an
   of the deepest are trimmed (the same strips where they are thick); the sac is the convex hull of what
   remains plus the dark roots inside it (the dura is a smooth convex-ish tube at disc level), cut
   posterior to the last roots when bright posterior epidural fat hangs on behind them, and in front of
-  the first posterior row clearly brighter than the sac's CSF (that fat is brighter than CSF on FSE).
+  the first posterior row clearly brighter than the sac's CSF (that fat is brighter than CSF on FSE); a
+  grey layer of roots (≤ ``root_layer_mm``) between the CSF and posterior epidural fat is taken in.
 * **lamina** — the posterior arch (laminae, spinous process, articular processes) as one segment: the
   band pixels that are not bright (bone cortex is dark, marrow intermediate; fat, CSF and joint fluid
   bright), posterior to the canal's centre, medial to the multifidi on the rows they occupy and within
@@ -51,6 +52,8 @@ class DerivationParams:
     max_width_mm: float = 24.0
     #: A posterior canal row brighter than its CSF by this fraction of (CSF − dark) is epidural fat.
     fat_margin: float = 0.3
+    #: Grey root layer up to this thick between the CSF and posterior epidural fat is taken into the sac (0 = off).
+    root_layer_mm: float = 3.0
     #: Canal search region: |u| below this, v from -2 mm to min(multifidus front + 5 mm, this).
     canal_halfwidth_mm: float = 14.0
     canal_depth_mm: float = 30.0
@@ -191,7 +194,37 @@ def derive_canal(image: np.ndarray, band: np.ndarray, frame: SpineFrame, p: Deri
     if v_roots.size and v[canal].max() > v_roots.max() + 3.0:
         canal &= v <= v_roots.max() + 1.0  # bright posterior epidural fat behind the roots
     canal = _cut_posterior_fat(canal, s, v, dark, p.fat_margin)
+    canal = _extend_to_posterior_fat(canal, s, u, v, band, threshold, p.root_layer_mm)
     return canal, threshold, tuple(int(x) for x in seed)
+
+
+def _extend_to_posterior_fat(canal: np.ndarray, s: np.ndarray, u: np.ndarray, v: np.ndarray, band: np.ndarray,
+                             threshold: float, max_gap_mm: float) -> np.ndarray:
+    """Take in the grey root layer between the CSF and the posterior epidural fat.
+
+    In the midline nothing but the dura lies between the sac and the posterior epidural fat, so a
+    not-bright layer up to ``max_gap_mm`` thick between the bright CSF and that fat is roots settled on the
+    back wall (inside the sac). Only frame columns (1 mm) within 5 mm of the midline (where that fat
+    triangle's base lies) with fat within that distance behind the canal are extended; laterally the
+    ligamentum flavum lies on the sac and bright lamina marrow must not be mistaken for that fat.
+    """
+    if not canal.any() or max_gap_mm <= 0:
+        return canal
+    col = np.round(u).astype(int)
+    bright = band & (s > threshold)
+    add = np.zeros_like(canal)
+    for c in np.unique(col[canal & (np.abs(u) <= 5.0)]):
+        in_col = col == c
+        back = float(v[canal & in_col].max())
+        behind = band & in_col & (v > back) & (v <= back + max_gap_mm)
+        fat = behind & bright
+        if fat.any():
+            v_fat = float(v[fat].min())
+            if v_fat - back >= 0.5:
+                add |= behind & (v < v_fat) & ~bright
+    if not add.any():
+        return canal
+    return _convex_hull(canal | add) & band
 
 
 def _cut_posterior_fat(canal: np.ndarray, s: np.ndarray, v: np.ndarray, dark: float, margin: float) -> np.ndarray:

@@ -30,12 +30,15 @@ def _ellipse(x, y, cx, cy, ax, ay):
 
 
 def canal_phantom(seed: int = 0, angle_deg: float = 0.0, canal_axes: tuple[float, float] = (9.0, 6.0),
-                  fat_triangle: bool = False) -> Phantom:
+                  fat_triangle: bool = False, root_layer_mm: float = 0.0) -> Phantom:
     """The phantom, optionally rotated in-plane by ``angle_deg`` about the disc's posterior midline point.
 
     ``fat_triangle``: posterior epidural fat (brighter than CSF) joined to the back of the sac with no root
     row between them, as on many real slices; it is neither canal nor arch.
+    ``root_layer_mm``: roots settled in a grey layer this thick on the back wall of the sac (part of the
+    canal), with the fat triangle behind it.
     """
+    fat_triangle = fat_triangle or root_layer_mm > 0
     rng = np.random.default_rng(seed)
     ii, jj = np.meshgrid(np.arange(SIZE) * SPACING, np.arange(SIZE) * SPACING, indexing="ij")
     cx, cy = SIZE * SPACING / 2, 40.0  # disc's posterior border on the midline
@@ -90,5 +93,7 @@ def canal_phantom(seed: int = 0, angle_deg: float = 0.0, canal_axes: tuple[float
     image[free & canal] = 200.0  # CSF: a little darker than fat on fast spin echo
     image[free & triangle] = 250.0
     image[free & roots] = 40.0
+    if root_layer_mm > 0:
+        image[free & canal & (y > 2 * ay + 0.5 - root_layer_mm)] = 90.0
     image += rng.normal(0, 3, image.shape)
     return Phantom(image=image.astype(np.float32), labels=labels, canal=canal & free, lamina=arch & free & ~drawn)

@@ -40,6 +40,16 @@ def test_posterior_epidural_fat_joined_to_the_sac_is_cut_off():
     assert d.lamina.sum() == pytest.approx(p.lamina.sum(), rel=0.05)
 
 
+@pytest.mark.parametrize("layer", [1.5, 2.5])
+def test_grey_root_layer_on_the_back_wall_is_inside_the_sac(layer):
+    p = canal_phantom(seed=6, root_layer_mm=layer)
+    d = derive_slice(p.image, p.labels, p.spacing)
+    assert d.canal.sum() == pytest.approx(p.canal.sum(), rel=0.05)
+    assert d.lamina.sum() == pytest.approx(p.lamina.sum(), rel=0.05)
+    off = derive_slice(p.image, p.labels, p.spacing, DerivationParams(root_layer_mm=0.0))
+    assert off.canal.sum() < 0.95 * p.canal.sum()  # without the rule the layer is lost
+
+
 def test_derivation_stays_inside_the_band_and_burn_in_touches_only_it():
     p = canal_phantom(seed=2)
     d = derive_slice(p.image, p.labels, p.spacing)
