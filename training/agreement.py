@@ -24,11 +24,14 @@ from ParaspinalSegLib.anatomy import BY_VALUE
 
 from .data import SliceRecord, load_sources
 from .metrics import dice
+from .splits import SPLITS_FILE, read_splits
 
 
 def held_out_folds(cv_dir: str | Path) -> list[list[str]]:
     """The held-out case ids of each fold, from a ``training.cv`` folder's ``cv_metrics.json``."""
-    path = Path(cv_dir) / "cv_metrics.json"
+    if (Path(cv_dir) / SPLITS_FILE).is_file():
+        return [list(s["val"]) for s in read_splits(cv_dir)]
+    path = Path(cv_dir) / "cv_metrics.json"  # a CV from before splits_final.json
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run python -m training.cv first")
     return [list(f) for f in json.loads(path.read_text(encoding="utf-8"))["folds"]]

@@ -55,10 +55,10 @@ def augment_batch(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Randomly augment a batch; returns new ``(images, labels, trusted)`` (inputs are not modified).
 
-    ``cfg`` is the config's ``augmentation`` section; ``generator`` lives on the data's device, so a run
+    ``cfg`` is the config's ``augmentation`` section, every key present (``training.config.DEFAULTS``); ``generator`` lives on the data's device, so a run
     with a fixed seed augments identically.
     """
-    if not cfg.get("enabled", True):
+    if not cfg["enabled"]:
         return images, labels, trusted
     B, _, H, W = images.shape
     dev = images.device
@@ -66,17 +66,17 @@ def augment_batch(
     images = images.float()
 
     # --- spatial -----------------------------------------------------------------------------------
-    spatial = torch.rand(B, generator=g, device=dev) < cfg.get("p_spatial", 0.0)
+    spatial = torch.rand(B, generator=g, device=dev) < cfg["p_spatial"]
     if bool(spatial.any()):
         idx = spatial.nonzero().squeeze(1)
         n = idx.numel()
-        ang = _uniform(n, -1, 1, g, dev) * math.radians(cfg.get("rotation_deg", 0.0))
-        lo, hi = cfg.get("scale", [1.0, 1.0])
+        ang = _uniform(n, -1, 1, g, dev) * math.radians(cfg["rotation_deg"])
+        lo, hi = cfg["scale"]
         scale = _uniform(n, lo, hi, g, dev)
         aniso = _uniform(n, -1, 1, g, dev) * 0.05 * (hi > lo)
         sx, sy = scale * (1 + aniso), scale * (1 - aniso)
-        shear = _uniform(n, -1, 1, g, dev) * cfg.get("shear", 0.0)
-        shift = (torch.rand(n, 2, generator=g, device=dev) * 2 - 1) * 2 * cfg.get("shift", 0.0)
+        shear = _uniform(n, -1, 1, g, dev) * cfg["shear"]
+        shift = (torch.rand(n, 2, generator=g, device=dev) * 2 - 1) * 2 * cfg["shift"]
         cos, sin = torch.cos(ang), torch.sin(ang)
         # theta maps output → input normalised coordinates; 1/scale so scale > 1 enlarges the anatomy.
         a11, a12 = cos / sx, (-sin + shear * cos) / sx
@@ -85,7 +85,7 @@ def augment_batch(
             (torch.stack((a11, a12, shift[:, 0]), 1), torch.stack((a21, a22, shift[:, 1]), 1)), 1
         )
         grid = F.affine_grid(theta, (n, 1, H, W), align_corners=False)
-        px = cfg.get("elastic_px", 0.0)
+        px = cfg["elastic_px"]
         if px > 0:
             coarse = torch.randn(n, 2, 4, 4, generator=g, device=dev) * (2.0 * px / max(H, W))
             grid = grid + F.interpolate(coarse, size=(H, W), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
@@ -96,7 +96,7 @@ def augment_batch(
         labels[idx] = lab.squeeze(1).round().to(labels.dtype)
 
     # --- left-right flip ------------------------------------------------------------------------------
-    flip = torch.rand(B, generator=g, device=dev) < cfg.get("p_flip", 0.0)
+    flip = torch.rand(B, generator=g, device=dev) < cfg["p_flip"]
     if bool(flip.any()):
         idx = flip.nonzero().squeeze(1)
         fi, fl, ft = flip_left_right(images[idx], labels[idx], trusted[idx])
@@ -104,24 +104,24 @@ def augment_batch(
         images[idx], labels[idx], trusted[idx] = fi, fl, ft
 
     # --- intensity --------------------------------------------------------------------------------------
-    inten = torch.rand(B, generator=g, device=dev) < cfg.get("p_intensity", 0.0)
+    inten = torch.rand(B, generator=g, device=dev) < cfg["p_intensity"]
     if bool(inten.any()):
         idx = inten.nonzero().squeeze(1)
         n = idx.numel()
         x = images[idx].clamp_min(0)
-        glo, ghi = cfg.get("gamma", [1.0, 1.0])
+        glo, ghi = cfg["gamma"]
         gamma = torch.exp(_uniform(n, math.log(glo), math.log(ghi), g, dev)).view(n, 1, 1, 1)
         x = x.pow(gamma)
-        bf = cfg.get("bias_field", 0.0)
+        bf = cfg["bias_field"]
         if bf > 0:
             coarse = torch.randn(n, 1, 3, 3, generator=g, device=dev) * bf
             x = x * torch.exp(F.interpolate(coarse, size=(H, W), mode="bicubic", align_corners=False))
-        clo, chi = cfg.get("contrast", [1.0, 1.0])
+        clo, chi = cfg["contrast"]
         contrast = _uniform(n, clo, chi, g, dev).view(n, 1, 1, 1)
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = (x - mean) * contrast + mean
-        x = x + _uniform(n, -1, 1, g, dev).view(n, 1, 1, 1) * cfg.get("brightness", 0.0)
-        sigma = torch.rand(n, 1, 1, 1, generator=g, device=dev) * cfg.get("noise_std", 0.0)
+        x = x + _uniform(n, -1, 1, g, dev).view(n, 1, 1, 1) * cfg["brightness"]
+        sigma = torch.rand(n, 1, 1, 1, generator=g, device=dev) * cfg["noise_std"]
         x = x + sigma * torch.randn(x.shape, generator=g, device=dev)
         images = images.clone()
         images[idx] = x

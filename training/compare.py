@@ -40,6 +40,15 @@ def read_per_slice(path: str | Path) -> dict[tuple[str, int], float]:
     return out
 
 
+def check_same_splits(a: str | Path, b: str | Path) -> None:
+    """Refuse two CV folders whose saved splits (``splits_final.json``) differ; folders without one pass."""
+    from .splits import SPLITS_FILE, same_splits
+
+    folders = [Path(p) if Path(p).is_dir() else Path(p).parent for p in (a, b)]
+    if all((f / SPLITS_FILE).is_file() for f in folders) and not same_splits(*folders):
+        raise ValueError(f"{folders[0]} and {folders[1]} were run on different fold splits: a paired comparison needs the same folds")
+
+
 def _wilcoxon_p(diff: np.ndarray) -> float:
     from scipy.stats import wilcoxon
 
@@ -131,6 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
     args = ap.parse_args(argv)
     name_a, name_b = Path(args.a).name, Path(args.b).name
+    check_same_splits(args.a, args.b)
     text = markdown(compare(read_per_slice(args.a), read_per_slice(args.b), n_boot=args.boot), name_a, name_b)
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8")

@@ -1,5 +1,9 @@
 """Training configuration: one JSON file per experiment (``training/configs/*.json``).
 
+:data:`DEFAULTS` is the one place every default lives: the schedule, losses, augmentation and trainer read
+the sections of a loaded config as they are. A config file may name a ``"base"`` config (the ablations
+name ``bsesnet``) and hold only what differs from it.
+
 A config names the network preset (``bsesnet``, ``unet``, ``without_sag``, ``without_deep_supervision``)
 plus overrides, the model input grid, the loss weights, the augmentation strengths and the asynchronous
 schedule. Unknown keys raise ``ValueError`` so a typo never silently trains with a default.
@@ -98,6 +102,31 @@ def _merge(base: dict[str, Any], update: Mapping[str, Any], where: str) -> dict[
     return out
 
 
+def _resolve_base(data: Mapping[str, Any], seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A config file's keys with its ``"base"`` config's underneath (ablations share the main recipe).
+
+    The derived file's keys win, nested sections key by key, except ``network``: a derived ``network``
+    that names a ``preset`` replaces the base's whole network (another architecture's options do not
+    carry over).
+    """
+    data = dict(data)
+    base_name = data.pop("base", None)
+    if base_name is None:
+        return data
+    if base_name in seen:
+        raise ValueError(f"config base cycle: {' -> '.join(seen + (base_name,))}")
+    path = CONFIG_DIR / f"{base_name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"base config {base_name!r} not found in {CONFIG_DIR}")
+    out = _resolve_base(json.loads(path.read_text(encoding="utf-8")), seen + (base_name,))
+    for key, value in data.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and not (key == "network" and "preset" in value):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
 def load_config(path_or_name: str | Path | Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
     """Load a config (a path, a name in ``training/configs``, a dict, or ``None`` = defaults).
 
@@ -115,7 +144,7 @@ def load_config(path_or_name: str | Path | Mapping[str, Any] | None = None, **ov
         if not path.exists():
             raise FileNotFoundError(f"config {path_or_name!r} not found (looked in {path} and {CONFIG_DIR})")
         data = json.loads(path.read_text(encoding="utf-8"))
-    config = _merge(DEFAULTS, data, "")
+    config = _merge(DEFAULTS, _resolve_base(data), "")
     config = _merge(config, overrides, "")
     if config["loss"]["partial_label"] not in ("marginal", "ignore"):
         raise ValueError("loss.partial_label must be 'marginal' or 'ignore'")

@@ -24,9 +24,10 @@ from typing import Any, Optional, Sequence
 
 from ParaspinalSegLib.serialisation import json_ready
 
-from .data import SliceRecord, load_sources, subject_folds
+from .data import SliceRecord, load_sources
 from .evaluate import evaluate_weights
 from .provenance import provenance
+from .splits import SPLITS_FILE, cv_folds
 from .report import mean_dice, summarise, write_report
 from .train import _dist, add_data_arguments, config_from_args, train
 
@@ -61,7 +62,8 @@ def cross_validate(
     if shared:
         # A subject in both would be trained on in the very fold that scores it.
         raise ValueError(f"train_also shares subjects with the cross-validated slices: {sorted(shared)[:5]}")
-    folds = subject_folds(records, k, int(config["seed"]))
+    # Saved on the first run and read back afterwards: the folds every later run and tool scores.
+    folds = cv_folds(out, records, k, int(config["seed"]))
     run_folds = sorted(set(range(k) if only_folds is None else only_folds))
     if not run_folds or not all(0 <= f < k for f in run_folds):
         raise ValueError(f"only_folds must name folds in 0..{k - 1}, got {only_folds!r}")
@@ -81,7 +83,8 @@ def cross_validate(
         val = [records[i] for i in held]
         tr = [r for i, r in enumerate(records) if i not in held_set] + list(train_also)
         fold_cases.append([r.case_id for r in val])
-        info = {"folds": {"k": k, "fold": f, "seed": int(config["seed"]), "by": "source/subject_id"}}
+        info = {"folds": {"k": k, "fold": f, "seed": int(config["seed"]), "by": "source/subject_id",
+                          "splits": SPLITS_FILE, "held_out_cases": [r.case_id for r in val]}}
         res = train(config, tr, out / f"fold_{f}", val, resume=resume, device=device, progress=progress, training_info=info)
         if _dist()[0] == 0:
             rows += evaluate_weights(res.final_weights, val, device="cpu" if device == "auto" else device, mirror_tta=mirror_tta, fold=f)

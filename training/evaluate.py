@@ -23,6 +23,7 @@ from ParaspinalSegLib.preprocessing import pixel_spacing
 from .data import PreparedData, SliceRecord, load_sources
 from .metrics import score_slice
 from .report import mean_dice, write_report
+from .splits import held_out, read_splits
 
 
 def evaluate_segmenter(
@@ -102,8 +103,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--dixon-in-phase", action="store_true", help="also score the in-phase (water + fat) image of Dixon slices")
     ap.add_argument("--no-mirror-tta", dest="mirror_tta", action="store_false",
                     help="score one network pass per slice instead of the shipped default (slice and mirror image averaged)")
+    ap.add_argument("--splits", default=None, metavar="FILE", help="a CV's splits_final.json: score only --fold's held-out slices")
+    ap.add_argument("--fold", type=int, default=None, help="with --splits: the fold whose held-out slices to score")
     args = ap.parse_args(argv)
+    if (args.splits is None) != (args.fold is None):
+        ap.error("--splits and --fold go together")
     records = load_sources(args.data, args.pair, limit=args.limit, dixon_in_phase=args.dixon_in_phase)
+    if args.splits is not None:
+        records = held_out(records, read_splits(args.splits)[args.fold]["val"])
     rows = evaluate_weights(args.weights, records, device=args.device, mirror_tta=args.mirror_tta, iou_threshold=args.iou_threshold,
                             progress=True)
     out = Path(args.out) if args.out else Path(args.weights).parent / ("eval_" + "_".join(Path(d).name for d in args.data or ["pairs"]))

@@ -51,6 +51,8 @@ import torch.nn.functional as F
 
 from ParaspinalSegLib.anatomy import NOT_ANNOTATED, NUM_CLASSES, NUM_STRUCTURES
 
+from .config import DEFAULTS
+
 #: Index used for 255 inside the mode computation (one-hot needs a dense index).
 _NA_INDEX = NUM_CLASSES
 
@@ -191,11 +193,10 @@ def training_loss(
     """Total loss of one batch for a schedule ``phase`` ("joint", "esnet", "bsn") and its parts (floats).
 
     ``out`` is the network's forward dict; ``labels`` (B,H,W) with 255; ``trusted`` (B,10) bool.
-    ``weights``: the config's ``loss`` section. Terms whose output is absent (ablations) are skipped.
+    ``weights``: the config's ``loss`` section (keys left out: ``training.config.DEFAULTS["loss"]``, the one
+    place the defaults live). Terms whose output is absent (ablations) are skipped.
     """
-    w = {"partial_label": "marginal", "deep_supervision_weight": 0.5, "prelim_weight": 0.5, "sag_key_weight": 0.5,
-         "box_weight": 5.0, "dice_weight": 0.0}
-    w.update(weights or {})
+    w = {**DEFAULTS["loss"], **(weights or {})}
     mode = w["partial_label"]
     dice_w = float(w["dice_weight"])
 

@@ -6,6 +6,9 @@ Epochs ``[0, joint_epochs)``: BSN and ESNet together ("joint"). Then cycles of
 (encoder, decoder, SAG, heads) train and the BSN is frozen; in a BSN epoch the BSN parameters
 (preliminary mask generator + detectors) train and the encoder is frozen. A network without a BSN
 (plain U-Net) trains "joint" every epoch.
+
+Every function takes the config's ``schedule`` / ``optimizer`` section as it is; the defaults live in
+``training.config.DEFAULTS`` only (a missing key is a ``KeyError``, never a second default).
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ def phase_for_epoch(epoch: int, epochs: int, schedule: Mapping[str, Any], has_bs
         raise ValueError(f"epoch {epoch} outside 0..{epochs - 1}")
     if not has_bsn:
         return "joint"
-    joint = int(schedule.get("joint_epochs", 10))
-    n_es = int(schedule.get("esnet_epochs_per_cycle", 9))
-    n_bsn = int(schedule.get("bsn_epochs_per_cycle", 1))
-    final = int(schedule.get("final_bsn_epochs", 0))
+    joint = int(schedule["joint_epochs"])
+    n_es = int(schedule["esnet_epochs_per_cycle"])
+    n_bsn = int(schedule["bsn_epochs_per_cycle"])
+    final = int(schedule["final_bsn_epochs"])
     if epoch < joint:
         return "joint"
     if epoch >= epochs - final:
@@ -46,7 +49,7 @@ def build_optimizer(model: torch.nn.Module, optimizer_cfg: Mapping[str, Any]) ->
         groups.append({"params": bsn, "name": "bsn", "base_lr": float(optimizer_cfg["lr_bsn"])})
     for g in groups:
         g["lr"] = g["base_lr"]
-    return torch.optim.AdamW(groups, weight_decay=float(optimizer_cfg.get("weight_decay", 0.0)))
+    return torch.optim.AdamW(groups, weight_decay=float(optimizer_cfg["weight_decay"]))
 
 
 def trains_group(phase: str, group: str) -> bool:
@@ -56,7 +59,7 @@ def trains_group(phase: str, group: str) -> bool:
 
 def esnet_training_epochs(epochs: int, schedule: Mapping[str, Any], has_bsn: bool = True) -> int:
     """Epochs at the start of a run in which the ESNet still trains (all but the final BSN-only ones)."""
-    return epochs - int(schedule.get("final_bsn_epochs", 0)) if has_bsn else epochs
+    return epochs - int(schedule["final_bsn_epochs"]) if has_bsn else epochs
 
 
 def apply_phase(

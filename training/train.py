@@ -35,6 +35,7 @@ from .data import SliceRecord, load_sources, prepare_records, structures_learned
 from .evaluate import canonical_dice
 from .losses import training_loss
 from .provenance import check_cv_reports
+from .splits import fold_indices, read_splits
 from .schedule import apply_phase, build_optimizer, esnet_training_epochs, phase_for_epoch
 
 CHECKPOINT = "checkpoint.pt"
@@ -211,7 +212,7 @@ def train(
     for epoch in range(start, stop):
         t0 = time.perf_counter()
         phase = phase_for_epoch(epoch, epochs, config["schedule"], has_bsn)
-        apply_phase(model, optimizer, phase, epoch, epochs, float(config["optimizer"].get("poly_power", 0.9)),
+        apply_phase(model, optimizer, phase, epoch, epochs, float(config["optimizer"]["poly_power"]),
                     esnet_training_epochs(epochs, config["schedule"], has_bsn))
         if ddp and phase != wrapped_phase:
             # DDP records which parameters need gradients when it is built: rebuild it per phase.
@@ -233,7 +234,7 @@ def train(
             loss, parts = training_loss(out_dict, y, t, phase, loss_cfg)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            clip = float(config["optimizer"].get("grad_clip", 0) or 0)
+            clip = float(config["optimizer"]["grad_clip"] or 0)
             if clip > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
@@ -254,7 +255,7 @@ def train(
         row: dict[str, Any] = {"epoch": epoch, "phase": phase, **{k: v / steps_per_epoch for k, v in sums.items()}}
         row["seconds"] = time.perf_counter() - t0
         last = epoch == stop - 1
-        every = int(config.get("val_every", 0) or 0)
+        every = int(config["val_every"] or 0)
         new_best = False
         if val_data is not None and (last or (every and (epoch + 1) % every == 0)):
             if rank == 0:
@@ -263,7 +264,7 @@ def train(
                 if val_dice > best:
                     best, new_best = val_dice, True
         history.append(row)
-        ckpt_every = max(1, int(config.get("checkpoint_every", 1)))
+        ckpt_every = max(1, int(config["checkpoint_every"]))
         gens: list[torch.Tensor] = []
         if last or (epoch + 1) % ckpt_every == 0:
             gens = [aug_gen.get_state().cpu()]
@@ -341,6 +342,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--fold", type=int, default=None, help="train on all folds but K, validate on K")
     g.add_argument("--all", action="store_true", help="train on every slice (no validation; the default)")
+    ap.add_argument("--splits", default=None, metavar="FILE",
+                    help="with --fold: a CV's splits_final.json (or its folder) whose fold K to train")
     ap.add_argument("--benchmark-steps", type=int, default=None, help="time N steps, print seconds/epoch, exit")
     ap.add_argument("--cv-report", nargs="+", default=[], metavar="CV_DIR",
                     help="training.cv output folder(s) whose cv_metrics.json to record in the exported weights' config "
@@ -356,13 +359,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     records = load_sources(args.data, args.pair, limit=args.limit, dixon_in_phase=bool(config["dixon_in_phase"]))
     val: list[SliceRecord] = []
     if args.fold is not None:
-        folds = subject_folds(records, args.folds, int(config["seed"]))
-        if not 0 <= args.fold < args.folds:
-            ap.error(f"--fold must be in 0..{args.folds - 1}")
+        # The split of a CV when given (the very folds it scored), else the subject-wise split made here.
+        folds = fold_indices(records, read_splits(args.splits)) if args.splits else subject_folds(records, args.folds, int(config["seed"]))
+        if not 0 <= args.fold < len(folds):
+            ap.error(f"--fold must be in 0..{len(folds) - 1}")
         val = [records[i] for i in folds[args.fold]]
         held = set(folds[args.fold])
         records = [r for i, r in enumerate(records) if i not in held]
-        info["folds"] = {"k": args.folds, "fold": args.fold, "seed": int(config["seed"]), "by": "source/subject_id"}
+        info["folds"] = {"k": len(folds), "fold": args.fold, "seed": int(config["seed"]), "by": "source/subject_id",
+                         "splits": str(args.splits) if args.splits else None, "held_out_cases": [r.case_id for r in val]}
     if args.benchmark_steps:
         t0 = time.perf_counter()
         res = train(config, records, args.out, device=args.device, progress=False, max_steps=args.benchmark_steps + 1)

@@ -4,6 +4,7 @@ import numpy as np
 import torch
 
 from ParaspinalSegLib.anatomy import BY_KEY
+from training.config import DEFAULTS
 from training.augment import augment_batch, flip_left_right
 from training.losses import boxes_from_labels_torch
 
@@ -46,10 +47,10 @@ def test_flip_swaps_left_right_labels_and_trusted():
 def test_augment_batch_flip_only_and_spatial_keeps_label_values():
     img, lab, trusted = _batch()
     img, lab, trusted = img.repeat(8, 1, 1, 1), lab.repeat(8, 1, 1), trusted.repeat(8, 1)
-    cfg = {"p_flip": 1.0, "p_spatial": 0.0, "p_intensity": 0.0}
+    cfg = {**DEFAULTS["augmentation"], "p_flip": 1.0, "p_spatial": 0.0, "p_intensity": 0.0}
     _, fl, ft = augment_batch(img, lab, trusted, cfg, torch.Generator().manual_seed(0))
     assert torch.equal(fl, flip_left_right(img, lab)[1])
-    full = {"p_flip": 0.5, "p_spatial": 1.0, "rotation_deg": 15, "scale": [0.9, 1.1], "shift": 0.05, "shear": 0.05,
+    full = {"enabled": True, "p_flip": 0.5, "p_spatial": 1.0, "rotation_deg": 15, "scale": [0.9, 1.1], "shift": 0.05, "shear": 0.05,
             "elastic_px": 2.0, "p_intensity": 1.0, "gamma": [0.7, 1.5], "contrast": [0.8, 1.2], "brightness": 0.1,
             "bias_field": 0.3, "noise_std": 0.03}
     a1 = augment_batch(img, lab, trusted, full, torch.Generator().manual_seed(1))

@@ -62,3 +62,17 @@ def test_only_shared_pairs_count_and_disjoint_runs_refuse(tmp_path):
     assert read_per_slice(_write(tmp_path / "cv", {("C", 1): 0.5})) == {("C", 1): 0.5}
     with pytest.raises(FileNotFoundError):
         read_per_slice(tmp_path / "missing")
+
+
+def test_compare_refuses_cvs_on_different_splits(tmp_path):
+    from training.compare import check_same_splits
+    from training.splits import SPLITS_FILE, write_splits
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    write_splits(a / SPLITS_FILE, [{"train": ["x"], "val": ["y", "z"]}, {"train": ["y", "z"], "val": ["x"]}])
+    write_splits(b / SPLITS_FILE, [{"train": ["x"], "val": ["z", "y"]}, {"train": ["y", "z"], "val": ["x"]}])
+    check_same_splits(a, b)  # same folds (order within a fold does not matter)
+    write_splits(b / SPLITS_FILE, [{"train": ["y"], "val": ["x", "z"]}, {"train": ["x", "z"], "val": ["y"]}])
+    with pytest.raises(ValueError, match="different fold splits"):
+        check_same_splits(a, b)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ParaspinalSegLib.boxes import boxes_from_labels
+from training.config import DEFAULTS
 from training.losses import (
     box_loss,
     boxes_from_labels_torch,
@@ -163,7 +164,10 @@ def test_dice_weight_adds_to_segmentation_terms_only():
            "prelim_mask": torch.randn(1, 10, 2, 2, generator=g)}
     labels = torch.zeros(1, 8, 8, dtype=torch.long)
     labels[0, 2:6, 2:6] = 6
-    _, plain = training_loss(out, labels, TRUST_SY, "joint")
+    _, plain = training_loss(out, labels, TRUST_SY, "joint", {"dice_weight": 0.0})
     _, dice = training_loss(out, labels, TRUST_SY, "joint", {"dice_weight": 1.0})
+    # No second default: leaving the weights out means the config's defaults (dice_weight 1.0 there).
+    _, default = training_loss(out, labels, TRUST_SY, "joint")
+    assert default == training_loss(out, labels, TRUST_SY, "joint", DEFAULTS["loss"])[1] == dice
     assert dice["seg"] > plain["seg"] and dice["deep_supervision"] > plain["deep_supervision"]
     assert dice["prelim"] == plain["prelim"]

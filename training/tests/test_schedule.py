@@ -94,3 +94,14 @@ def test_esnet_learning_rate_anneals_before_the_final_bsn_epochs():
     assert groups["esnet"]["lr"] == pytest.approx(1e-3 * (2 / 50) ** 0.9)  # as a 50-epoch U-Net's at epoch 48
     apply_phase(model, opt, "bsn", 55, epochs, 0.9, span)
     assert groups["bsn"]["lr"] == pytest.approx(1e-3 * (5 / 60) ** 0.9) and groups["esnet"]["lr"] == 0.0
+
+
+def test_no_hidden_schedule_defaults():
+    """The schedule's defaults live in the config only: a missing key is an error, not a second default
+    (schedule.py used to fall back to final_bsn_epochs = 0 where the config says 10)."""
+    with pytest.raises(KeyError):
+        phase_for_epoch(15, 60, {})
+    with pytest.raises(KeyError):
+        esnet_training_epochs(60, {k: v for k, v in SCHED.items() if k != "final_bsn_epochs"})
+    defaults = load_config()["schedule"]
+    assert esnet_training_epochs(60, defaults) == 60 - defaults["final_bsn_epochs"]

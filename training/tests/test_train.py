@@ -223,3 +223,59 @@ def test_cv_metrics_are_recorded_as_a_measure_only_of_a_matching_model(tmp_path)
                         training={"cross_validation": {"cv": other_config}})
     line = next(l for l in read_weights_config(path).summary().splitlines() if l.startswith("cross-validation"))
     assert "NOT a measure of these weights: it was run with a different training configuration" in line
+
+
+def _write_dixon_folder(folder: Path, with_fat: dict[str, int], without_fat: dict[str, int]) -> None:
+    """A manifest source folder: subjects with (Dixon water + fat) and without a fat image, n slices each."""
+    import csv
+
+    import nibabel as nib
+
+    folder.mkdir(parents=True)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    rows, seed = [], 0
+    for subjects, fat in ((with_fat, True), (without_fat, False)):
+        for subject, n in subjects.items():
+            for s in range(n):
+                rec = synthetic_slice(64, seed=seed)
+                seed += 1
+                case = f"{subject}_s{s}"
+                nib.save(nib.Nifti1Image(rec.image[:, :, None], affine), str(folder / f"{case}_img.nii.gz"))
+                nib.save(nib.Nifti1Image(rec.labels[:, :, None], affine), str(folder / f"{case}_lbl.nii.gz"))
+                extra = ""
+                if fat:
+                    nib.save(nib.Nifti1Image((0.3 * rec.image)[:, :, None], affine), str(folder / f"{case}_fat.nii.gz"))
+                    extra = f"{case}_fat.nii.gz"
+                rows.append({"case_id": case, "subject_id": subject, "img_file": f"{case}_img.nii.gz",
+                             "lbl_file": f"{case}_lbl.nii.gz", "extra_files": extra, "trusted_classes": "1;4;5;6;7;8;9"})
+    with open(folder / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_the_fold_split_is_saved_once_and_sag_check_scores_exactly_the_held_out_slices(tmp_path, capsys):
+    """Bug: sag_check rebuilt the folds from data loaded without the Dixon in-phase slices, so its
+    'held-out' set was not the fold's (training slices could be scored). Now the split is saved
+    (splits_final.json) and every tool reads the held-out slices from it or from the weights' record."""
+    pytest.importorskip("nibabel")
+    from training import sag_check
+    from training.data import load_sources
+    from training.splits import SPLITS_FILE, cv_folds, read_splits
+
+    data = tmp_path / "dixon"
+    _write_dixon_folder(data, {"A": 3, "B": 1}, {"C": 2, "D": 2})
+    config = tiny_config(epochs=1, dixon_in_phase=True)
+    records = load_sources([data], dixon_in_phase=True)
+    res = cross_validate(config, records, tmp_path / "cv", k=2, progress=False)
+    splits = read_splits(tmp_path / "cv" / SPLITS_FILE)
+    assert [sorted(s["val"]) for s in splits] == [sorted(f) for f in res["folds"]]
+    # Read back, not rebuilt: another seed with the saved split gives the saved folds.
+    assert cv_folds(tmp_path / "cv", records, 2, seed=123) == [sorted(records.index(r) for r in records if r.case_id in s["val"])
+                                                               for s in splits]
+    meta = json.loads((tmp_path / "cv" / "fold_0" / "final.json").read_text())
+    assert meta["training"]["folds"]["held_out_cases"] == res["folds"][0]
+
+    assert sag_check.main(["--weights", str(tmp_path / "cv" / "fold_0" / "final.json"), "--data", str(data)]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["slices"] == len(res["folds"][0]) and scored["scope"] == "held-out fold 0 of 2"
