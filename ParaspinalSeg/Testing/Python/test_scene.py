@@ -17,6 +17,8 @@ import vtk  # noqa: E402
 from ParaspinalSegLib.geometry import array_from_vtk_matrix  # noqa: E402
 from ParaspinalSegLib import anatomy, headless  # noqa: E402
 from ParaspinalSegLib import scene as writers  # noqa: E402
+from ParaspinalSegLib import scene_segmentation  # noqa: E402
+from ParaspinalSegLib import scene_boxes  # noqa: E402
 
 SHAPE = (4, 24, 28)  # K, J, I
 TERM_FILE = headless.TERMINOLOGY_FILE
@@ -40,7 +42,7 @@ def labels_b() -> np.ndarray:
 
 
 def all_segment_arrays(seg, vol) -> dict[str, np.ndarray]:
-    return {s.key: writers._segment_array(seg, s.key, vol) for s in anatomy.STRUCTURES}
+    return {s.key: scene_segmentation._segment_array(seg, s.key, vol) for s in anatomy.STRUCTURES}
 
 
 def node_counts(scene) -> dict[str, int]:
@@ -85,7 +87,7 @@ def test_segmentation_has_nine_segments_next_to_volume(mrml_scene, make_volume):
         assert segment.GetName() == s.name
         assert np.allclose(segment.GetColor(), s.color)
         assert segment.GetTerminology().rstrip("|") == s.terminology
-        assert writers._segment_array(seg, s.key, vol).sum() == 0  # created empty
+        assert scene_segmentation._segment_array(seg, s.key, vol).sum() == 0  # created empty
 
 
 def test_segmentation_of_another_volume_is_refused(mrml_scene, make_volume):
@@ -99,7 +101,7 @@ def test_segmentation_of_another_volume_is_refused(mrml_scene, make_volume):
     with pytest.raises(writers.SceneWriteError, match="holds the results for volume 'A'"):
         writers.get_or_create_segmentation(mrml_scene, vol_b, seg_a)
     assert writers.find_segmentation(mrml_scene, vol_a) is seg_a
-    assert writers._segment_array(seg_a, "multifidus_left", vol_a)[1].sum() == 36  # A's result intact
+    assert scene_segmentation._segment_array(seg_a, "multifidus_left", vol_a)[1].sum() == 36  # A's result intact
 
 
 def test_two_slices_are_both_kept_and_edits_survive(mrml_scene, make_volume):
@@ -333,7 +335,7 @@ def test_mrb_round_trip_restores_everything(mrml_scene, make_volume, tmp_path):
     for s in anatomy.STRUCTURES:
         segment = seg2.GetSegmentation().GetSegment(s.key)
         assert segment.GetName() == s.name and segment.GetTerminology().rstrip("|") == s.terminology
-        np.testing.assert_array_equal(writers._segment_array(seg2, s.key, vol2), arrays_before[s.key])
+        np.testing.assert_array_equal(scene_segmentation._segment_array(seg2, s.key, vol2), arrays_before[s.key])
     boxes_after = writers.find_boxes(scene2, vol2)
     assert set(boxes_after) == set(boxes_before)
     for key, (centre, size, o2n) in boxes_before.items():
@@ -474,10 +476,10 @@ def test_failed_first_box_write_leaves_no_empty_folder(mrml_scene, make_volume, 
             raise RuntimeError("injected failure half-way through the boxes")
         return real_geometry(*args, **kwargs)
 
-    monkeypatch.setattr(writers, "box_geometry", geometry_failing_on_second_box)
+    monkeypatch.setattr(scene_boxes, "box_geometry", geometry_failing_on_second_box)
     with pytest.raises(RuntimeError, match="injected"):
         writers.write_boxes(mrml_scene, vol, 1, {4: (1, 1, 4, 4), 6: (2, 2, 5, 5)})
-    assert writers._box_folder(mrml_scene, vol, None, create=False) == 0  # no empty folder left behind
+    assert scene_boxes._box_folder(mrml_scene, vol, None, create=False) == 0  # no empty folder left behind
     assert mrml_scene.GetNodesByClass("vtkMRMLMarkupsROINode").GetNumberOfItems() == 0
 
 

@@ -15,6 +15,7 @@ import slicer  # noqa: E402
 
 from ParaspinalSegLib import anatomy  # noqa: E402
 from ParaspinalSegLib import scene as writers  # noqa: E402
+from ParaspinalSegLib import scene_segmentation  # noqa: E402
 
 SHAPE = (6, 30, 34)  # K, J, I
 
@@ -30,7 +31,7 @@ def blocks(seed: int) -> np.ndarray:
 
 
 def arrays(seg, vol, keys) -> dict[str, np.ndarray]:
-    return {key: writers._segment_array(seg, key, vol) for key in keys}
+    return {key: scene_segmentation._segment_array(seg, key, vol) for key in keys}
 
 
 @pytest.fixture
@@ -104,7 +105,7 @@ def test_a_failed_write_half_way_restores_the_slice(filled, monkeypatch):
     vol, seg = filled
     keys = [s.key for s in anatomy.STRUCTURES] + ["user_tumour"]
     before = arrays(seg, vol, keys)
-    real = writers._set_segment_slice
+    real = scene_segmentation._set_segment_slice
     calls = []
 
     def fail_on_fifth(*args, **kwargs):
@@ -113,10 +114,10 @@ def test_a_failed_write_half_way_restores_the_slice(filled, monkeypatch):
             raise RuntimeError("MRML failed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(writers, "_set_segment_slice", fail_on_fifth)
+    monkeypatch.setattr(scene_segmentation, "_set_segment_slice", fail_on_fifth)
     with pytest.raises(RuntimeError, match="MRML failed"):
         writers.write_slice_labels(seg, vol, 0, blocks(12))
-    monkeypatch.setattr(writers, "_set_segment_slice", real)
+    monkeypatch.setattr(scene_segmentation, "_set_segment_slice", real)
     after = arrays(seg, vol, keys)
     for key in keys:
         assert after[key].tobytes() == before[key].tobytes(), key

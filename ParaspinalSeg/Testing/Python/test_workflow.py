@@ -22,6 +22,7 @@ import vtk  # noqa: E402
 
 from ParaspinalSegLib import anatomy, workflow  # noqa: E402
 from ParaspinalSegLib import scene as writers  # noqa: E402
+from ParaspinalSegLib import scene_segmentation  # noqa: E402
 from ParaspinalSegLib.errors import InputError  # noqa: E402
 from ParaspinalSegLib.segmenter import SliceSegmenter, StructureBox  # noqa: E402
 
@@ -84,7 +85,7 @@ def node_counts(scene) -> Counter:
 def segment_arrays(seg, vol) -> dict[str, np.ndarray]:
     # The writers' reader, not slicer.util's: that one leaves a display node behind on a headless scene,
     # which would change the node counts this file compares.
-    return {s.key: writers._segment_array(seg, s.key, vol) for s in anatomy.STRUCTURES}
+    return {s.key: scene_segmentation._segment_array(seg, s.key, vol) for s in anatomy.STRUCTURES}
 
 
 def table_rows(scene) -> list[dict]:
