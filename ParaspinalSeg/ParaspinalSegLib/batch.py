@@ -400,6 +400,22 @@ def _carry_over(run: BatchRun, record: dict[str, Any]) -> None:
             row.status, row.table = "done", table
             row.warnings = [str(w) for w in old.get("warnings") or [] if isinstance(w, str)]
             run.resumed_done += 1
+    # Rows to run whose folder exists: complete (the run was killed between moving the folder in and
+    # recording it) → done; anything else is not this run's to replace.
+    for row in run.rows:
+        folder = run.out / row.folder
+        if row.status == "done" or not os.path.lexists(folder):
+            continue
+        table = next((f"{row.folder}/{p.name}" for p in sorted(folder.glob("*" + OUTPUT_SUFFIXES["measurements"]))
+                      if folder.is_dir()), "")
+        if table and _row_complete(run.out, row.folder, table):
+            row.status, row.table = "done", table
+            run.resumed_done += 1
+            continue
+        raise OutputExistsError(
+            f"cannot resume: {folder} exists but does not hold the row's five outputs; it is not replaced "
+            "without --overwrite (remove it to run the row again)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -480,6 +496,7 @@ def _run_row(run: BatchRun, row: RowState, segmenter: Any, threshold_method: Any
                                                 dixon=dixon(item) if dixon is not None else None)
         final = run.out / row.folder
         files = output_paths(final, name)
+        raise_pending()  # held back during the row's imports: the row is dropped, not finished
         with deferred():
             stage.commit()
             row.status, row.error, row.table = "done", "", str(Path(row.folder) / files["measurements"].name)
@@ -583,7 +600,8 @@ def execute_run(run: BatchRun, segmenter: Any, *, threshold_method: Any = "auto"
         with deferred():
             run.save()
         c = run.counts()
-        exc.detail = (f"{c['done']} of {len(run.rows)} rows done, {c['failed']} failed, the row in progress dropped; "
+        dropped = "the row in progress dropped" if c["pending"] else "no row was left to run"
+        exc.detail = (f"{c['done']} of {len(run.rows)} rows done, {c['failed']} failed, {dropped}; "
                       f"{COMBINED_MEASUREMENTS}, {ERRORS_CSV} and {RUN_RECORD} in {run.out} describe them; "
                       "continue with --resume")
         raise

@@ -267,6 +267,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         if installed and argv is not None:  # called in-process (tests): leave the caller's handlers as they were
             interrupts.uninstall()
+        elif installed:  # the console script: the process ends with this status whatever arrives now
+            interrupts.finish()
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:

@@ -79,6 +79,17 @@ def uninstall() -> None:
     _state.update(depth=0, pending=None, raised=None, installed=False, previous={})
 
 
+def finish() -> None:
+    """The command's outcome is decided and reported: signals from now on are ignored, so one that
+    arrives while the interpreter tears torch and VTK down cannot kill a finished run with a bare signal
+    status (Python restores the default handlers during its shutdown)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _state["raised"] = _state["raised"] or -1  # the handler is a no-op from here on
+    for s in HANDLED_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 def pending() -> Optional[int]:
     """The signal recorded inside :func:`deferred` and not yet raised, if any."""
     return _state["pending"]

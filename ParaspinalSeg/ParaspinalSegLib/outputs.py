@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import InputError, Interrupted, OutputExistsError
-from .interrupts import deferred
+from .interrupts import deferred, raise_pending
 
 STAGING_PREFIX = ".paraspinalseg-staging-"
 _TMP_PREFIX = ".paraspinalseg-tmp-"
@@ -222,6 +222,7 @@ class StagedOutputs:
         """Flush, check and move every staged entry into ``target``; all appear or none do."""
         assert self.staging is not None, "commit() outside the with-block"
         names = self.entries()
+        raise_pending()  # a signal held back while the outputs were written (imports) drops them here
         try:
             self._commit(names)
         except Interrupted as exc:  # held back until every entry had moved in: say so

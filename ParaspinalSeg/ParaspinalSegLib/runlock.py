@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -126,6 +127,11 @@ class FolderLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 info = _read_record(fd)
+                for _ in range(20):  # the holder may be between taking the lock and writing its record
+                    if info:
+                        break
+                    time.sleep(0.05)
+                    info = _read_record(fd)
                 os.close(fd)
                 raise self._refuse(info) from None
             except OSError:

@@ -20,6 +20,7 @@ import numpy as np
 
 from . import anatomy
 from .errors import InputError
+from .file_integrity import check_file_complete
 
 __all__ = ["SegmentEntry", "SegmentationLabels", "segment_entries", "structure_of_segment", "read_segmentation"]
 
@@ -138,6 +139,7 @@ def read_segmentation(path: str | Path, reference: Any = None, unknown_value: in
     """
     import SimpleITK as sitk
 
+    check_file_complete(path)  # a truncated label file would read as zeros: wrong areas, no error
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:

@@ -13,6 +13,7 @@ import contextlib
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -300,15 +301,22 @@ def test_out_that_is_a_file_is_an_input_error(tmp_path, listing, weights, capsys
     assert (tmp_path / "taken").read_text() == "x"
 
 
-def test_resume_from_another_folder_and_a_damaged_row_is_redone(tmp_path, listing, weights, capsys, monkeypatch):
+def test_resume_from_another_folder_and_a_damaged_row_is_never_replaced(tmp_path, listing, weights, capsys, monkeypatch):
     out = tmp_path / "out"
     assert cli.main(list(map(str, _batch_args(listing, out, weights)))) == 0
     record = json.loads((out / "batch_run.json").read_text())
     damaged = record["rows"][1]["folder"]
-    next((out / damaged).glob("*_overlay.png")).unlink()  # a row folder that lost a file is not done
-    kept = {r["folder"]: (out / r["folder"]).stat().st_ino for r in record["rows"] if r["folder"] != damaged}
+    next((out / damaged).glob("*_overlay.png")).unlink()  # a row folder that lost a file is not done ...
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     monkeypatch.chdir(listing.parent.parent)
     relative = Path(listing.parent.name) / listing.name  # the same list, named from elsewhere
+    code = cli.main(list(map(str, _batch_args(relative, out, weights, "--resume"))))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == cli.EXIT_INPUT_ERROR and len(err) == 1 and f"{damaged} exists but does not hold" in err[0], err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # ... and not replaced either
+
+    shutil.rmtree(out / damaged)  # the user's decision: run it again
+    kept = {r["folder"]: (out / r["folder"]).stat().st_ino for r in record["rows"] if r["folder"] != damaged}
     code = cli.main(list(map(str, _batch_args(relative, out, weights, "--resume"))))
     stdout = capsys.readouterr().out
     assert code == 0 and f"({N_ROWS - 1} done before, kept)" in stdout

@@ -98,3 +98,13 @@ def test_impossible_geometry_is_refused_with_its_numbers(case, capsys):
     code, err = measure(capsys, img, lab2, "--out", d / "m.csv")
     assert code == 2 and len(err) == 1 and "field of view 3 x 3.6 mm" in err[0], err
     assert not (d / "m.csv").exists()
+
+
+@pytest.mark.parametrize("cut", [0.9, 0.5])
+def test_truncated_label_file_is_refused(case, capsys, cut):
+    d, img, _, _ = case
+    lab = _write(np.ones((2, 60, 50), np.uint8) * 6, d / "lab.nii")
+    lab.write_bytes(lab.read_bytes()[: int(lab.stat().st_size * cut)])
+    code, err = measure(capsys, img, lab, "--out", d / "m.csv")
+    assert code == 2 and len(err) == 1 and "lab.nii is truncated" in err[0], err
+    assert not (d / "m.csv").exists()
