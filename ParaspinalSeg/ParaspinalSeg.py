@@ -102,6 +102,9 @@ Segmenting another slice adds to the same segmentation and table.</li>
 <li>Correct segments in Segment Editor if needed, then click <b>Update measurements</b>.</li>
 <li><b>Export table to CSV</b> writes the measurements with their units.</li>
 </ol>
+<b>Segment slices</b> segments several slices ("all", "10-20" or "3,5,8") with a progress dialog; Cancel keeps
+the slices already finished. Optional Dixon water and fat images add a Dixon fat fraction column.
+No data at hand? Sample Data → ParaspinalSeg loads the shipped sample slice. Needs Slicer 5.8 or newer.
 Left and right are the patient's, taken from the volume's orientation.
 The first run installs PyTorch (after asking).
 See the <a href="https://github.com/ParaspinalSeg/SlicerParaspinalSeg#readme">documentation</a>.
@@ -1002,7 +1005,8 @@ class ParaspinalSegTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         """Run as few or as many tests as needed here."""
-        for test in (self.test_RedView, self.test_MeasurementsAndExport, self.test_BadInput, self.test_SegmentSlice):
+        for test in (self.test_RedView, self.test_MeasurementsAndExport, self.test_BadInput, self.test_SampleData,
+                     self.test_SegmentSlice):
             self.setUp()
             test()
 
@@ -1070,6 +1074,20 @@ class ParaspinalSegTest(ScriptedLoadableModuleTest):
             text = logic.exportTableToCsv(tableNode, os.path.join(folder, "measurements")).read_text(encoding="utf-8")
         for expected in ("left multifidus", "L4/L5", "(mm2)"):
             self.assertIn(expected, text)
+        self.delayDisplay("Test passed")
+
+    def test_SampleData(self):
+        """The shipped slice is offered in Sample Data (category ParaspinalSeg) and loads, checksum checked."""
+        self.delayDisplay("Sample Data and terminology")
+        self.assertTrue(registerTerminology())
+        registerSampleData()
+        import SampleData
+
+        from ParaspinalSegLib import sample_data
+
+        volumeNode = SampleData.SampleDataLogic().downloadSample(sample_data.SAMPLE_NAME)
+        self.assertIsNotNone(volumeNode)
+        self.assertEqual(volumeNode.GetImageData().GetDimensions(), (377, 200, 1))
         self.delayDisplay("Test passed")
 
     def test_BadInput(self):

@@ -352,6 +352,9 @@ def test_requirements_leave_slicer_packages_alone():
     names = {re.split(r"[<>=!~ \[;]", line)[0].lower() for line in lines if line}
     # torch comes from the PyTorch extension's installer; numpy/scipy/SimpleITK/Pillow are Slicer's own.
     assert not names & {"torch", "numpy", "scipy", "simpleitk", "pillow"}, names
+    # Never this project or its slicer-core dependency: slicer-core installs a top-level "slicer" package
+    # that would shadow Slicer's own in Slicer's Python.
+    assert not names & {"slicer-core", "slicer_core", "slicer", "paraspinalseg"}, names
     assert "safetensors" in names  # weights.load_weights reads the model with it
 
 
