@@ -124,19 +124,21 @@ def reference_unet_ms(runs: int = 9, size: int = 512, device: str = "cpu") -> fl
 
 
 def run(n: int = 21, size: int = 512, threads: int = 2, weights: Optional[str] = None, mirror_tta: bool = True,
-        device: str = "cpu", keep: Optional[Path] = None) -> dict:
-    """Run the batch benchmark; returns the figures (ms per extra slice, breakdown, reference, ratio)."""
+        device: str = "cpu", keep: Optional[Path] = None, listing: Optional[Path] = None) -> dict:
+    """Run the batch benchmark; returns the figures (ms per extra slice, breakdown, reference, ratio).
+
+    ``listing``: a batch list of real slices to run instead of ``n`` synthetic ones (its first ``n`` rows)."""
     from .batch import load_segmenter, read_batch_list, run_batch
 
     if n < 3:
         raise ValueError("the batch benchmark needs at least 3 slices")
     with tempfile.TemporaryDirectory(prefix="paraspinalseg-bench-") as tmp:
         root = Path(keep) if keep else Path(tmp)
-        listing = write_synthetic_slices(root / "in", n, size)
+        items = read_batch_list(listing)[:n] if listing else read_batch_list(write_synthetic_slices(root / "in", n, size))
         segmenter = load_segmenter(weights, device, threads, mirror_tta)
         before = reference_unet_ms(size=512, device=str(segmenter.device))
         t0 = time.perf_counter()
-        summary = run_batch(read_batch_list(listing), root / "out", segmenter, progress=False)
+        summary = run_batch(items, root / "out", segmenter, progress=False)
         wall = time.perf_counter() - t0
         after = reference_unet_ms(size=512, device=str(segmenter.device))
     if summary.failed:
@@ -146,7 +148,8 @@ def run(n: int = 21, size: int = 512, threads: int = 2, weights: Optional[str] =
     total_ms = 1000 * statistics.median(s["total"] for s in extra)
     unet_ms = statistics.median([before, after])
     figures = {
-        "slices": n,
+        "input": str(listing) if listing else "synthetic",
+        "slices": len(per),
         "slice_size": size,
         "threads": threads,
         "mirror_tta": mirror_tta,
@@ -163,7 +166,8 @@ def run(n: int = 21, size: int = 512, threads: int = 2, weights: Optional[str] =
 
 
 def print_figures(f: dict) -> None:
-    print(f"batch of {f['slices']} synthetic {f['slice_size']}² slices, device {f['device']}, {f['threads']} threads, "
+    what = f"synthetic {f['slice_size']}² slices" if f["input"] == "synthetic" else f"slices of {f['input']}"
+    print(f"batch of {f['slices']} {what}, device {f['device']}, {f['threads']} threads, "
           f"mirror averaging {'on' if f['mirror_tta'] else 'off'}; medians over the slices after the first")
     print(f"  per extra slice      {f['per_extra_slice_ms']:8.1f} ms   (first slice {f['first_slice_ms']:.0f} ms)")
     for part, ms in f["breakdown_ms"].items():
@@ -204,10 +208,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ParaspinalSegLib.bench_batch", description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=None, help="slices in the batch (default 21; 100 with --memory)")
     parser.add_argument("--size", type=int, default=512, help="slice matrix (size x size)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: as the command line, half the cores)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     parser.add_argument("--weights", help="weights file (default: the shipped model)")
     parser.add_argument("--no-mirror-tta", dest="mirror_tta", action="store_false")
+    parser.add_argument("--list", type=Path, help="run the first --slices rows of this batch list (real slices) "
+                        "instead of synthetic ones")
     parser.add_argument("--memory", action="store_true", help="peak RSS after 10 and after all slices, in a fresh process")
     parser.add_argument("--dixon-stack", action="store_true",
                         help="time --slices all against one call per slice on the TUM01 stack (needs --data)")
@@ -215,6 +221,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="myosegmentum_lpm folder for --dixon-stack")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
+    if args.threads is None:
+        from .slice_outputs import default_threads
+
+        args.threads = default_threads()
     if args.dixon_stack:
         f = dixon_stack_timing(Path(args.data), args.threads, args.weights)
         print(f"TUM01 stack of {f['slices']} slices: one 'segment --slices all' call {f['stack_s']:.1f} s, "
@@ -224,7 +234,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"batch of {f['slices']} synthetic {args.size}² slices: peak RSS {f['after_first_mib']:.0f} MiB after "
               f"{f['first']}, {f['after_all_mib']:.0f} MiB after {f['slices']} ({f['growth_percent']:+.1f} %, goal within 10 %)")
     else:
-        f = run(args.slices or 21, args.size, args.threads, args.weights, args.mirror_tta, args.device)
+        f = run(args.slices or 21, args.size, args.threads, args.weights, args.mirror_tta, args.device,
+                listing=args.list)
         print_figures(f)
     if args.json:
         Path(args.json).write_text(json.dumps(f, indent=2), encoding="utf-8")
