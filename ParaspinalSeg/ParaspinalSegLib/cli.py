@@ -209,6 +209,8 @@ def _run_stack(args: argparse.Namespace) -> int:
     if not args.overwrite:
         check_stack_outputs(volume, ks, args.out)
     dixon = source_from_args(args)
+    if dixon is not None:  # Dixon images that miss the stack are refused before the model loads
+        dixon.check_volume_slices(volume.array.shape, volume.ijk_to_ras, ks)
     t_load = time.perf_counter()
     segmenter = batch.load_segmenter(args.weights, args.device, args.threads, args.mirror_tta)
     load_s = time.perf_counter() - t_load

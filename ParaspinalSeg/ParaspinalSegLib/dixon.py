@@ -24,7 +24,7 @@ numpy + scipy only (the Slicer module calls it on volume nodes' arrays).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -79,6 +79,15 @@ class DixonSource:
                     raise InputError(f"Dixon image {img.name or ''} must be 2-D or 3-D, got shape {a.shape}")
                 if not np.issubdtype(img.array.dtype, np.number) or np.iscomplexobj(img.array):
                     raise InputError(f"Dixon image {img.name or ''} must hold real numbers, got {img.array.dtype}")
+
+    def check_volume_slices(self, volume_shape: Sequence[int], volume_ijk_to_ras: np.ndarray, slices: Sequence[int]) -> None:
+        """Refuse (:class:`InputError`) Dixon images that miss the first or last of ``slices`` of the volume,
+        so a command can say so before it loads a model (every slice is checked again when measured)."""
+        from .preprocessing import slice_geometry_from_volume
+
+        ks = sorted({int(k) for k in slices})
+        for k in {ks[0], ks[-1]} if ks else set():
+            self.fraction_map(tuple(volume_shape[1:3]), slice_geometry_from_volume(volume_ijk_to_ras, k))
 
     def fraction_map(self, shape: tuple[int, int], slice_ijk_to_ras: np.ndarray) -> "SliceFatFraction":
         """Per-pixel fat fraction in [0, 1] on the segmented slice (NaN = left out), with what was done."""

@@ -390,6 +390,8 @@ def segment_file(
     warnings = check_slice(volume, k)
     if not overwrite:
         check_no_existing(list(output_paths(out_dir, safe_output_name(volume.name)).values()))
+    if dixon is not None:  # Dixon images that miss the slice are refused before the model loads
+        dixon.check_volume_slices(volume.array.shape, volume.ijk_to_ras, [k])
     t_load = time.perf_counter()
     if segmenter is None:
         segmenter = load_segmenter(weights, device, threads, mirror_tta)

@@ -105,6 +105,21 @@ def test_stack_mode_bad_options_are_one_error_line_and_nothing_written(tmp_path,
     assert not out.exists()
 
 
+@pytest.mark.parametrize("mode", [["--slice", "1"], ["--slices", "all"]])
+def test_dixon_images_that_miss_the_slices_are_refused_before_the_model_loads(tmp_path, capsys, mode):
+    vol = _write(tmp_path / "v.nii.gz", _array())
+    far = (10.0, -20.0, 530.0)  # 500 mm above the volume
+    water = _write(tmp_path / "w.nii.gz", _array() * 0.8, origin=far)
+    fat = _write(tmp_path / "f.nii.gz", _array() * 0.2, origin=far)
+    out = tmp_path / "out"
+    # weights that do not exist: had the model been loaded first, the error would be about them
+    assert cli.main(["segment", str(vol), *mode, "--water-image", str(water), "--fat-image", str(fat),
+                     "--weights", str(tmp_path / "missing.json"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "does not overlap the segmented slice" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def test_batch_rows_share_one_scene_and_give_what_segment_gives(tmp_path, weights, capsys):
     vol = _write(tmp_path / "case.nii.gz", _array(seed=3))
     water = _write(tmp_path / "w.nii.gz", _array(seed=3) * 0.8)
