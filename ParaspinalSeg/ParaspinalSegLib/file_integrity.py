@@ -127,9 +127,12 @@ class NiftiHeader:
     """The NIfTI-1/2 header fields this library reads: endianness, dimensions, datatype, data offset."""
 
     def __init__(self, endian: str, version: int, dims: tuple[int, ...], datatype: int, bitpix: int,
-                 vox_offset: float, single_file: bool) -> None:
+                 vox_offset: float, single_file: bool, pixdim: tuple[float, ...] = (),
+                 qform: Optional[tuple[float, ...]] = None, sform: Optional[tuple[float, ...]] = None) -> None:
         self.endian, self.version, self.dims = endian, version, dims
         self.datatype, self.bitpix, self.vox_offset, self.single_file = datatype, bitpix, vox_offset, single_file
+        #: Voxel sizes of the spatial axes; the quaternion + offset and the affine rows when their code is set.
+        self.pixdim, self.qform, self.sform = pixdim, qform, sform
 
     @property
     def data_bytes(self) -> int:
@@ -146,7 +149,10 @@ def read_nifti_header(raw: bytes, name: str = "file") -> Optional[NiftiHeader]:
         if size == 348 and len(raw) >= 348:
             dim = struct.unpack(endian + "8h", raw[40:56])
             datatype, bitpix = struct.unpack(endian + "2h", raw[70:74])
+            pixdim = struct.unpack(endian + "8f", raw[76:108])
             vox_offset = struct.unpack(endian + "f", raw[108:112])[0]
+            qcode, scode = struct.unpack(endian + "2h", raw[252:256])
+            quatern, srow = struct.unpack(endian + "6f", raw[256:280]), struct.unpack(endian + "12f", raw[280:328])
             magic = raw[344:348]
             version = 1
             break
@@ -154,7 +160,10 @@ def read_nifti_header(raw: bytes, name: str = "file") -> Optional[NiftiHeader]:
             magic = raw[4:8]
             datatype, bitpix = struct.unpack(endian + "2h", raw[12:16])
             dim = struct.unpack(endian + "8q", raw[16:80])
+            pixdim = struct.unpack(endian + "8d", raw[104:168])
             vox_offset = struct.unpack(endian + "q", raw[168:176])[0]
+            qcode, scode = struct.unpack(endian + "2i", raw[344:352])
+            quatern, srow = struct.unpack(endian + "6d", raw[352:400]), struct.unpack(endian + "12d", raw[400:496])
             version = 2
             break
     else:
@@ -167,8 +176,18 @@ def read_nifti_header(raw: bytes, name: str = "file") -> Optional[NiftiHeader]:
     if not math.isfinite(vox_offset) or vox_offset < 0:
         raise InputError(f"{name} has a corrupt NIfTI header: data offset {vox_offset}")
     single = magic[:3] in (b"n+1", b"n+2")
+    spatial = tuple(float(v) for v in pixdim[1 : min(n, 3) + 1])
+    if not all(math.isfinite(v) and v != 0 for v in spatial):
+        raise InputError(
+            f"{name} has a corrupt NIfTI header: voxel sizes {[round(v, 6) for v in spatial]} mm (pixdim) "
+            "are not all finite and non-zero, so no area can be measured"
+        )
+    for code, values, what in ((qcode, quatern, "qform"), (scode, srow, "sform")):
+        if code > 0 and not all(math.isfinite(v) for v in values):
+            raise InputError(f"{name} has a corrupt NIfTI header: its {what} (orientation) holds NaN or infinite values")
     return NiftiHeader(endian, version, tuple(int(d) for d in dim[1 : n + 1]), int(datatype), int(bitpix),
-                       float(vox_offset), single)
+                       float(vox_offset), single, spatial,
+                       tuple(quatern) if qcode > 0 else None, tuple(srow) if scode > 0 else None)
 
 
 def _check_nifti(path: Path, gz: bool) -> None:

@@ -140,8 +140,11 @@ def read_segmentation(path: str | Path, reference: Any = None, unknown_value: in
     import SimpleITK as sitk
 
     check_file_complete(path)  # a truncated label file would read as zeros: wrong areas, no error
+    from .volume_io import quiet_itk
+
     try:
-        image = sitk.ReadImage(str(path))
+        with quiet_itk():
+            image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise InputError(f"cannot read segmentation {path}: {exc}") from None
     metadata = {key: image.GetMetaData(key) for key in image.GetMetaDataKeys()}

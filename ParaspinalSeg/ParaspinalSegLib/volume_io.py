@@ -120,6 +120,20 @@ def preserved_locale() -> Iterator[None]:
                 locale.setlocale(category, "")
 
 
+@contextlib.contextmanager
+def quiet_itk() -> Iterator[None]:
+    """Keep ITK's own warnings (several lines with source paths, e.g. "unexpected scales in sform") off
+    stderr: the command line reports each problem once, in its own words."""
+    import SimpleITK as sitk
+
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
 def _read_dicom_folder(folder: Path):
     with preserved_locale():
         return _read_dicom_series(folder)
@@ -129,14 +143,11 @@ def _read_dicom_series(folder: Path):
     import SimpleITK as sitk
 
     # GDCM warns on stderr ("No Series were found") for folders without DICOM; we say it in one line.
-    warnings_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        with quiet_itk():
+            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     except RuntimeError as exc:  # pragma: no cover - GDCM error on odd folders
         raise InputError(f"cannot read DICOM folder {folder}: {_first_line(exc)}") from None
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(warnings_shown)
     if not series:
         raise InputError(f"{folder} is a folder without DICOM images (give a volume file or a DICOM series folder)")
     if len(series) > 1:
@@ -148,7 +159,8 @@ def _read_dicom_series(folder: Path):
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
-        return reader.Execute()
+        with quiet_itk():
+            return reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"cannot read the DICOM series in {folder}: {_first_line(exc)}") from None
 
@@ -280,7 +292,8 @@ def read_volume(path: str | os.PathLike) -> Volume:
     else:
         check_file_complete(p)  # before ITK reads: it pads a truncated NIfTI with zeros
         try:
-            image = sitk.ReadImage(str(p))
+            with quiet_itk():
+                image = sitk.ReadImage(str(p))
         except RuntimeError as exc:
             raise InputError(f"cannot read {p} as an image volume ({_first_line(exc)})") from None
 

@@ -25,7 +25,7 @@ MAX_DEPTH = 24
 
 #: architecture field → (type, minimum, maximum); ``bool`` fields have no range.
 ARCHITECTURE_FIELDS: dict[str, tuple[type, Optional[float], Optional[float]]] = {
-    "in_channels": (int, 1, 4),
+    "in_channels": (int, 1, 1),  # the segmenter feeds one image channel
     "num_classes": (int, 2, 64),
     "base_width": (int, 1, 64),
     "depth": (int, 3, 6),
@@ -139,7 +139,7 @@ def _check_value(where: str, value: Any, kind: type, low: Optional[float], high:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     else:
         ok = isinstance(value, kind)
-    span = f" in {low:g}..{high:g}" if low is not None and high is not None else ""
+    span = "" if low is None or high is None else f" in {low:g}..{high:g}" if low != high else f" equal to {low:g}"
     if not ok:
         raise ConfigProblem(f"{where} must be {_type_name(kind)}{span}, got {_show(value)}")
     if low is not None and high is not None and not low <= value <= high:

@@ -198,3 +198,32 @@ def test_gzip_stream_under_a_plain_name_is_checked_as_gzip(tmp_path):
     renamed.write_bytes(path.read_bytes()[: int(path.stat().st_size * 0.9)])
     with pytest.raises(InputError, match="truncated"):
         volume_io.read_volume(renamed)
+
+
+@pytest.mark.parametrize("offset, value, message", [
+    (80, float("nan"), r"voxel sizes \[nan, 1.5, 4.0\] mm \(pixdim\) are not all finite and non-zero"),
+    (80, 0.0, r"voxel sizes \[0.0, 1.5, 4.0\] mm"),
+    (256, float("inf"), "its qform .* NaN or infinite"),
+    (280, float("nan"), "its sform .* NaN or infinite"),
+])
+def test_nifti_header_with_impossible_geometry_fields_is_refused(tmp_path, offset, value, message):
+    # ITK would replace such a spacing by 1 mm and measure on it without a word.
+    import struct
+
+    path = _write(tmp_path / "v.nii")
+    data = bytearray(path.read_bytes())
+    data[offset:offset + 4] = struct.pack("<f", value)
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=message):
+        volume_io.read_volume(path)
+
+
+def test_itk_warnings_stay_off_stderr(tmp_path, capfd):
+    import struct
+
+    path = _write(tmp_path / "v.nii")
+    data = bytearray(path.read_bytes())
+    data[80:84] = struct.pack("<f", 30.0)  # pixdim disagrees with the sform: ITK warns on stderr
+    path.write_bytes(bytes(data))
+    volume_io.read_volume(path)
+    assert capfd.readouterr().err == ""
