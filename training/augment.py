@@ -1,4 +1,10 @@
-"""Batch augmentation on the model's canonical grid, in torch (runs on the GPU next to the data, or cheaply on CPU).
+"""Batch augmentation on the model window, in torch (runs on the GPU next to the data, or cheaply on CPU).
+
+The window already shows every slice in the patient's axes at one spacing, centred on the labelled structures
+(``data.prepare_records``), so the spatial transforms act in patient space: the rotation stands for a patient
+lying or a spine turning a little (±12°), the scale for body size (0.85–1.15), the shift (±0.1 of the window,
+10 mm at 0.8 mm × 256) for where inference's first look places the window (within 10 mm of the structures'
+centre, ``preprocessing.RECENTRE_TOLERANCE_MM``).
 
 Spatial (one resampling per sample): small rotation, isotropic scaling with a little anisotropy, shear,
 shift and a smooth elastic displacement (random offsets on a 4×4 grid, bicubically upsampled); images are

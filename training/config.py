@@ -23,7 +23,8 @@ DEFAULTS: dict[str, Any] = {
     "name": "bsesnet",
     # Network preset (a NetworkConfig class method) and field overrides (e.g. base_width).
     "network": {"preset": "bsesnet"},
-    # The model's canonical grid; passed to preprocessing.ModelInput (inference uses the same values).
+    # The model window: pixels of spacing_mm along the patient's axes, size × size; passed to
+    # preprocessing.ModelInput (inference uses the same values).
     "model_input": {"spacing_mm": 0.8, "size": 256},
     # Intensity normalisation recorded with the weights (preprocessing.NormalisationConfig).
     "normalisation": {"method": "percentile", "low": 0.5, "high": 99.5},

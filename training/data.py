@@ -11,8 +11,11 @@ Two kinds of source, freely mixed in one run:
   "background or one of the missing structures" (``trusted[0] = False``, see ``losses``).
 
 Each slice is prepared ONCE with the library's own :func:`ParaspinalSegLib.preprocessing.prepare_slice`
-(canonical orientation, resampling, normalisation: exactly what inference does) and labels are brought
-onto the same grid with ``grid.to_model(order=0)``; :class:`PreparedData` holds the results as tensors.
+(the patient's axes, one spacing, normalisation: exactly what inference does), on a window centred on
+the labelled structures (:func:`~ParaspinalSegLib.preprocessing.anatomy_centre_ras`, the same definition
+of "the spine's centre" that inference applies to its first look), and labels are brought onto the same
+grid with ``grid.to_model(order=0)``; :class:`PreparedData` holds the results as tensors. The spatial
+augmentation (``augment``) then rotates, scales and shifts in patient space around that centre.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from ParaspinalSegLib.preprocessing import (
     ModelInput,
     NormalisationConfig,
     ResampleGrid,
+    anatomy_centre_ras,
     prepare_slice,
     slice_geometry_from_nifti_affine,
     slice_geometry_from_volume,
@@ -265,7 +269,9 @@ def prepare_records(
     labels = np.zeros((n, s, s), dtype=np.uint8)
     grids = []
     for i, r in enumerate(records):
-        prepared = prepare_slice(r.image, r.slice_ijk_to_ras, mi, norm)
+        # Only the structures the slice trusts place the window (an untrusted value never comes here).
+        centre = anatomy_centre_ras(r.labels, r.slice_ijk_to_ras, r.trusted_structures)
+        prepared = prepare_slice(r.image, r.slice_ijk_to_ras, mi, norm, centre_ras=centre)
         images[i, 0] = prepared.image
         # Same grid, nearest neighbour: a label lands where its pixel lands in the image. Outside the
         # field of view (padding) is background, as the model sees nothing there.

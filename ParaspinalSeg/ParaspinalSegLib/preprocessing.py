@@ -13,16 +13,26 @@ Geometry conventions (see ``docs/api-contract.md``):
 - Continuous pixel coordinates: "centre-index" coordinates put pixel ``i``'s centre at ``i``;
   "edge" coordinates (used by boxes) put it at ``i + 0.5``, so pixel ``i`` covers ``[i, i + 1)``.
 
-The model grid is square, ``size × size`` with isotropic spacing
-``max(model spacing, FOV / size)`` so the whole field of view always fits; it is centred on the
-slice's field of view and padded. :class:`ResampleGrid` records everything needed to go back, and
-the way back is evaluated at the input's own pixel centres, so results land on the input grid.
+The model grid is a square window of ``size × size`` pixels at ONE fixed spacing (the weights'
+``model_input``, 0.8 mm × 256 for the shipped model), whose rows run posterior and columns to the
+patient's left whatever the slice's own pixel axes are: an in-plane rotation of the slice against the
+patient is undone by resampling, not only flips and transposes. The window is placed on the spine:
+training centres it on the labelled structures, inference on what the network found in a first pass
+(:func:`place_window`). :class:`ResampleGrid` records everything needed to go back, and the way back is
+evaluated at the input's own pixel centres, so results land on the input grid.
+
+Why 0.8 mm: the sy_lumbar_muscle slices the shipped model learned on were seen at 0.8 mm, so the
+weights stay meaningful on sy-like slices; 256 pixels of 0.8 mm (204.8 mm) hold the disc, psoas and
+paraspinal muscles with room to spare (largest extent on the sy dev slices 114 mm AP × 149 mm LR) and
+keep the network's cost at today's; measured figures in ``Resources/Models/MODEL.md``.
+
+One room: geometry of a slice, intensity normalisation and the model grid both ways are the single job
+"bring a slice into the model's view and back"; splitting them would split matrices shared by all three.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
@@ -31,9 +41,6 @@ from scipy import ndimage
 
 from .errors import InputError, NonAxialSliceError
 from .geometry import RasBox, pixel_box_to_ras
-
-#: scipy.ndimage.affine_transform's warning for a 1-D matrix (scipy 1.13 in Slicer 5.8/5.10; gone in 1.14).
-_SCIPY_1D_MATRIX_WARNING = "The behavior of affine_transform with a 1-D array"
 
 __all__ = [
     "NonAxialSliceError",
@@ -53,6 +60,12 @@ __all__ = [
     "from_canonical",
     "normalise_intensity",
     "resample_grid",
+    "patient_axes",
+    "anatomy_centre_ras",
+    "place_window",
+    "RECENTRE_TOLERANCE_MM",
+    "EDGE_MARGIN_MM",
+    "MAX_RECENTRES",
     "prepare_slice",
 ]
 
@@ -62,9 +75,6 @@ DEFAULT_MAX_OBLIQUITY_DEG = 30.0
 #: Downsampling factor above which intensities are Gaussian-smoothed before resampling (anti-aliasing).
 ANTIALIAS_ABOVE = 1.5
 
-# Relative tolerance for "the same spacing": keeps the identity case exact despite float rounding
-# (e.g. 320 * 0.8 / 320 need not give back 0.8 bit for bit).
-_SAME_SPACING_RTOL = 1e-9
 
 _AXIS_NAMES = (("R", "L", "sagittal"), ("A", "P", "coronal"), ("S", "I", "axial"))
 
@@ -338,203 +348,224 @@ def normalise_intensity(a: np.ndarray, low_pct: float = 0.5, high_pct: float = 9
 
 
 # --------------------------------------------------------------------------------------------------
-# Resampling grid
+# Model grid: the patient's axes, one spacing, a window placed on the spine
 # --------------------------------------------------------------------------------------------------
 
-def _interp_axis(values: np.ndarray, coords: np.ndarray, axis: int) -> np.ndarray:
-    """Linear interpolation of ``values`` along ``axis`` at centre-index ``coords`` (edge-clamped).
+#: The window is moved when the structures the network found are off its centre by more than this
+#: (mm, along either patient axis). Training crops are centred on the labelled structures and shifted
+#: by up to ±0.1 of the half-window (``augmentation.shift`` 0.05 → ±10 mm at 0.8 mm × 256), so a window
+#: within this distance shows the network what training showed it.
+RECENTRE_TOLERANCE_MM = 10.0
+#: ... or when they come closer than this to its edge (they may continue outside the window).
+EDGE_MARGIN_MM = 8.0
+#: At most this many extra network passes to place the window.
+MAX_RECENTRES = 2
+#: Window positions step by this many model pixels in patient space (see :func:`resample_grid`): the
+#: network's total stride (4 poolings). Measured on dev slices, a window moved by one model pixel changes a
+#: small psoas' CSA by up to 8 %; moved by 16, by 2 %.
+WINDOW_LATTICE = 16
 
-    Separable and explicit so integer coordinates reproduce the samples bit for bit.
+
+def patient_axes(slice_ijk_to_ras: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unit RAS directions of the model grid's rows (→ posterior), columns (→ patient left) and normal.
+
+    Both lie in the slice plane: columns are the patient's left (RAS −x) projected onto the plane,
+    rows are ``normal × columns`` with the normal pointing superior, so for a true axial slice they
+    are exactly −x and −y whatever the pixel axes are (rotated, flipped, transposed).
     """
-    n = values.shape[axis]
-    c = np.clip(coords, 0.0, n - 1.0)
-    i0 = np.floor(c).astype(np.intp)
-    i1 = np.minimum(i0 + 1, n - 1)
-    w = (c - i0).astype(np.float32)
-    shape = [1] * values.ndim
-    shape[axis] = -1
-    w = w.reshape(shape)
-    v0 = np.take(values, i0, axis=axis)
-    v1 = np.take(values, i1, axis=axis)
-    return v0 * (1.0 - w) + v1 * w
+    m = _as_matrix(slice_ijk_to_ras)
+    _, _, n = _unit_axes(m)
+    if n[2] < 0:
+        n = -n
+    left = np.array([-1.0, 0.0, 0.0])
+    col = left - float(left @ n) * n
+    norm = float(np.linalg.norm(col))
+    if norm < 1e-6:
+        raise NonAxialSliceError("slice plane contains no left-right direction (sagittal slice)")
+    col /= norm
+    return np.cross(n, col), col, n
 
 
-def _nearest_index(coords: np.ndarray, n: int) -> np.ndarray:
-    """Nearest pixel of centre-index ``coords`` (ties round up), clamped to ``[0, n - 1]``."""
-    return np.clip(np.floor(coords + 0.5), 0, n - 1).astype(np.intp)
+def _is_integral(a: np.ndarray, tol: float = 1e-9) -> bool:
+    return bool(np.all(np.abs(a - np.round(a)) <= tol))
 
 
-@dataclass(frozen=True, eq=False)  # eq=False: the numpy matrix field has no scalar ==
+@dataclass(frozen=True, eq=False)  # eq=False: the numpy matrix fields have no scalar ==
 class ResampleGrid:
-    """Everything needed to go from an input slice to the model grid and back.
+    """A ``size × size`` window at ``spacing_mm`` in the patient's axes, placed on one input slice.
 
-    Model centre-index ``(u, v)`` maps to canonical centre-index
-    ``(r, c) = (u·scale[0] + offset[0], v·scale[1] + offset[1])``; the canonical array is the input
-    after :func:`to_canonical`. Both grids share the centre of the field of view.
+    Model centre-index ``(u, v)`` (rows → posterior, columns → patient left) maps to input
+    centre-index ``(p, q) = linear @ (u, v) + offset``. ``linear`` is any 2×2 matrix (rotation, flip,
+    transpose and scale together), so a slice whose pixel axes are rotated in-plane against the patient
+    is rotated back. When the axes agree up to flips and the spacings are equal, ``offset`` is whole
+    input pixels: the grids share their pixel centres and both ways are exact copies.
     """
 
     input_shape: tuple[int, int]
     slice_ijk_to_ras: np.ndarray = field(repr=False)
+    #: Nearest-axes (transpose/flip) orientation of the input; kept for displays and tie-breaks.
     orientation: CanonicalOrientation
-    #: Spacing (mm) of the canonical array's rows and columns.
-    canonical_spacing: tuple[float, float]
-    #: Isotropic spacing actually used on the model grid (≥ the model's nominal spacing).
     spacing_mm: float
     size: int
+    #: 2×2: input centre-index per model centre-index step (columns: one row step, one column step).
+    linear: np.ndarray = field(repr=False)
+    #: Input centre-index (p, q) of model pixel (0, 0).
+    offset: np.ndarray = field(repr=False)
 
-    # ---- derived geometry ------------------------------------------------------------------------
+    # ---- geometry --------------------------------------------------------------------------------
     @property
-    def canonical_shape(self) -> tuple[int, int]:
-        return self.orientation.canonical_shape(self.input_shape)
-
-    @property
-    def scale(self) -> tuple[float, float]:
-        """Canonical pixels per model pixel along rows and columns (> 1 means downsampling)."""
-        out = []
-        for s_in in self.canonical_spacing:
-            f = self.spacing_mm / s_in
-            out.append(1.0 if abs(f - 1.0) < _SAME_SPACING_RTOL else f)
-        return out[0], out[1]
-
-    @property
-    def offset(self) -> tuple[float, float]:
-        """Canonical centre-index of model pixel 0 along rows and columns."""
-        half = (self.size - 1) / 2.0
-        return tuple((n - 1) / 2.0 - half * f for n, f in zip(self.canonical_shape, self.scale))  # type: ignore[return-value]
+    def is_exact(self) -> bool:
+        """True when model pixels are input pixels (a signed permutation, whole-pixel offset)."""
+        a = self.linear
+        return (_is_integral(a) and bool(np.all(np.abs(np.round(a)).sum(axis=0) == 1))
+                and bool(np.all(np.abs(np.round(a)).sum(axis=1) == 1)))
 
     @property
     def is_identity(self) -> bool:
-        """True when the model grid *is* the canonical grid (no interpolation either way)."""
-        return self.scale == (1.0, 1.0) and self.canonical_shape == (self.size, self.size)
+        """True when the model grid *is* the input grid (no interpolation, no padding, no crop)."""
+        return (self.is_exact and np.array_equal(np.round(self.linear), np.eye(2))
+                and np.array_equal(self.offset, [0.0, 0.0]) and self.input_shape == (self.size, self.size))
 
-    def model_to_canonical(self, u: Any, v: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Model centre-index ``(u, v)`` → canonical centre-index ``(r, c)``."""
-        (fr, fc), (orr, oc) = self.scale, self.offset
-        return np.asarray(u, dtype=np.float64) * fr + orr, np.asarray(v, dtype=np.float64) * fc + oc
+    @property
+    def input_steps(self) -> tuple[float, float]:
+        """Input pixels per model pixel along the input's axis 0 and axis 1 (> 1 means downsampling)."""
+        s0, s1 = pixel_spacing(self.slice_ijk_to_ras)
+        return self.spacing_mm / s0, self.spacing_mm / s1
 
-    def canonical_to_model(self, r: Any, c: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Canonical centre-index ``(r, c)`` → model centre-index ``(u, v)``."""
-        (fr, fc), (orr, oc) = self.scale, self.offset
-        return (np.asarray(r, dtype=np.float64) - orr) / fr, (np.asarray(c, dtype=np.float64) - oc) / fc
+    def model_to_input(self, u: Any, v: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Model centre-index ``(u, v)`` → input centre-index ``(p, q)`` (broadcasting)."""
+        u, v = np.asarray(u, dtype=np.float64), np.asarray(v, dtype=np.float64)
+        a, t = self.linear, self.offset
+        return a[0, 0] * u + a[0, 1] * v + t[0], a[1, 0] * u + a[1, 1] * v + t[1]
 
-    def canonical_ijk_to_ras(self) -> np.ndarray:
-        """4×4 matrix: canonical ``(r, c, 0, 1)`` → RAS."""
-        return canonical_ijk_to_ras(self.slice_ijk_to_ras, self.orientation, self.input_shape)
+    def input_to_model(self, p: Any, q: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Input centre-index ``(p, q)`` → model centre-index ``(u, v)`` (broadcasting)."""
+        p, q = np.asarray(p, dtype=np.float64) - self.offset[0], np.asarray(q, dtype=np.float64) - self.offset[1]
+        b = np.linalg.inv(self.linear)
+        return b[0, 0] * p + b[0, 1] * q, b[1, 0] * p + b[1, 1] * q
 
     def model_ijk_to_ras(self) -> np.ndarray:
         """4×4 matrix: model ``(u, v, 0, 1)`` → RAS (e.g. to save the model input as a volume)."""
-        (fr, fc), (orr, oc) = self.scale, self.offset
-        s = np.eye(4)
-        s[0, 0], s[1, 1], s[0, 3], s[1, 3] = fr, fc, orr, oc
-        return self.canonical_ijk_to_ras() @ s
+        e = np.eye(4)
+        e[:2, :2], e[:2, 3] = self.linear, self.offset
+        return _as_matrix(self.slice_ijk_to_ras) @ e
+
+    @property
+    def centre_ras(self) -> np.ndarray:
+        """RAS (mm) of the window's centre."""
+        h = (self.size - 1) / 2.0
+        return (self.model_ijk_to_ras() @ np.array([h, h, 0.0, 1.0]))[:3]
+
+    def _input_region(self) -> tuple[slice, slice]:
+        """Input pixels whose centre can lie in the window (its footprint's bounding box, clipped)."""
+        e = np.array([-0.5, self.size - 0.5])
+        p, q = self.model_to_input(e[:, None], e[None, :])
+        n0, n1 = self.input_shape
+        p0, p1 = max(0, int(np.floor(p.min() + 0.5))), min(n0, int(np.ceil(p.max() + 0.5)))
+        q0, q1 = max(0, int(np.floor(q.min() + 0.5))), min(n1, int(np.ceil(q.max() + 0.5)))
+        return slice(p0, max(p0, p1)), slice(q0, max(q0, q1))
 
     # ---- input grid → model grid -----------------------------------------------------------------
+    def antialias(self, values: np.ndarray) -> np.ndarray:
+        """Gaussian pre-filter along input axes downsampled by more than ``ANTIALIAS_ABOVE`` (float32).
+
+        sigma = (f - 1) / 2 input pixels, as scikit-image's resize uses. Depends only on the spacings, so
+        one filtered slice serves every window placement (``to_model(..., antialias=False)``).
+        """
+        out = np.asarray(values, dtype=np.float32)
+        for axis, f in enumerate(self.input_steps):
+            if f > ANTIALIAS_ABOVE:
+                out = ndimage.gaussian_filter1d(out, (f - 1.0) / 2.0, axis=out.ndim - 2 + axis, mode="nearest")
+        return out
+
+    def _check(self, arr: np.ndarray, shape: tuple[int, int], order: int) -> None:
+        if arr.ndim not in (2, 3) or tuple(arr.shape[-2:]) != tuple(shape):
+            raise InputError(f"expected shape {shape} or (C, *{shape}), got {arr.shape}")
+        if order not in (0, 1):
+            raise ValueError("order must be 0 (nearest) or 1 (linear)")
+
     def to_model(self, values: np.ndarray, order: int = 1, cval: float = 0.0, antialias: bool = True) -> np.ndarray:
         """Resample ``values`` (``(n0, n1)`` or ``(C, n0, n1)`` on the input grid) onto the model grid.
 
-        ``order=1``: linear interpolation (float32), Gaussian pre-filtered along an axis that is
-        downsampled by more than ``ANTIALIAS_ABOVE``. ``order=0``: nearest neighbour, dtype kept
-        (use it for label images). Model pixels whose centre lies outside the input's field of
-        view get ``cval``.
+        ``order=1``: linear interpolation (float32), anti-aliased (:meth:`antialias`) unless told not to.
+        ``order=0``: nearest neighbour, dtype kept (use it for label images). Model pixels whose centre
+        lies outside the input's field of view get ``cval``.
         """
         arr = np.asarray(values)
+        self._check(arr, self.input_shape, order)
         squeeze = arr.ndim == 2
-        if arr.ndim not in (2, 3) or tuple(arr.shape[-2:]) != tuple(self.input_shape):
-            raise InputError(f"expected shape {self.input_shape} or (C, *{self.input_shape}), got {arr.shape}")
-        if order not in (0, 1):
-            raise ValueError("order must be 0 (nearest) or 1 (linear)")
-        can = to_canonical(arr[None] if squeeze else arr, self.orientation)
+        arr = arr[None] if squeeze else arr
         if order == 1:
-            can = can.astype(np.float32, copy=False)
-        if self.is_identity:
-            out = can.copy()
-            return out[0] if squeeze else out
-
-        size = self.size
-        nr, nc = self.canonical_shape
-        r, c = self.model_to_canonical(np.arange(size), np.arange(size))
-        if order == 0:
-            out = can[:, _nearest_index(r, nr)][:, :, _nearest_index(c, nc)]
+            arr = self.antialias(arr) if antialias else arr.astype(np.float32, copy=False)
+        size, (n0, n1) = self.size, self.input_shape
+        p, q = self.model_to_input(np.arange(size)[:, None], np.arange(size)[None, :])
+        outside = (p < -0.5) | (p > n0 - 0.5) | (q < -0.5) | (q > n1 - 0.5)
+        if self.is_exact or order == 0:
+            pi = np.clip(np.floor(p + 0.5), 0, n0 - 1).astype(np.intp)
+            qi = np.clip(np.floor(q + 0.5), 0, n1 - 1).astype(np.intp)
+            out = arr[:, pi, qi]
         else:
-            (fr, fc), (orr, oc) = self.scale, self.offset
-            out = np.empty((can.shape[0], size, size), dtype=np.float32)
-            for i, chan in enumerate(can):
-                if antialias:
-                    # sigma (f - 1) / 2 input pixels, as scikit-image's resize does for anti-aliasing.
-                    for axis, f in ((0, fr), (1, fc)):
-                        if f > ANTIALIAS_ABOVE:
-                            chan = ndimage.gaussian_filter1d(chan, (f - 1.0) / 2.0, axis=axis, mode="nearest")
-                # The 1-D (diagonal) matrix takes scipy's fast zoom-and-shift path; scipy < 1.14 warns on
-                # every call that its meaning changed in 0.18, which concerns code older than that.
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=_SCIPY_1D_MATRIX_WARNING, category=UserWarning)
-                    out[i] = ndimage.affine_transform(
-                        chan, np.array([fr, fc]), offset=(orr, oc), output_shape=(size, size),
-                        order=1, mode="nearest",
-                    )
-        # Padding: model pixels whose centre falls outside the input field of view.
-        outside_r = (r < -0.5) | (r > nr - 0.5)
-        outside_c = (c < -0.5) | (c > nc - 0.5)
-        out[:, outside_r, :] = cval
-        out[:, :, outside_c] = cval
+            out = np.empty((arr.shape[0], size, size), dtype=np.float32)
+            for i, chan in enumerate(arr):
+                # A full 2×2 matrix: no deprecated 1-D (diagonal) form, which newer scipy warns about.
+                ndimage.affine_transform(chan, self.linear, offset=self.offset, output_shape=(size, size),
+                                         output=out[i], order=1, mode="nearest")
+        out[:, outside] = cval
         return out[0] if squeeze else out
 
     # ---- model grid → input grid -----------------------------------------------------------------
-    def to_input(self, values: np.ndarray, order: int = 1) -> np.ndarray:
+    def to_input(self, values: np.ndarray, order: int = 1, cval: Union[float, Any] = 0.0) -> np.ndarray:
         """Map model-grid ``values`` (``(size, size)`` or ``(C, size, size)``) onto the input slice's grid.
 
-        Evaluated at the input's own pixel centres: ``order=1`` interpolates linearly (float32, float64 kept; use
-        it for logits/probabilities and take the argmax afterwards), ``order=0`` takes the nearest
-        model pixel (dtype kept; use it for labels). Returns ``(n0, n1)`` or ``(C, n0, n1)`` in the
-        input's layout. In the identity case the values come back unchanged, bit for bit.
+        Evaluated at the input's own pixel centres: ``order=1`` interpolates linearly (float32, float64
+        kept; use it for probabilities and take the argmax afterwards), ``order=0`` takes the nearest
+        model pixel (dtype kept; use it for labels). Input pixels outside the window get ``cval``: a
+        number, or one per channel (e.g. probability 1 for background). When the grids share pixel
+        centres (:attr:`is_exact`) the values come back unchanged, bit for bit.
         """
         arr = np.asarray(values)
+        self._check(arr, (self.size, self.size), order)
         squeeze = arr.ndim == 2
-        if arr.ndim not in (2, 3) or arr.shape[-2:] != (self.size, self.size):
-            raise InputError(f"expected shape ({self.size}, {self.size}) or (C, {self.size}, {self.size}), got {arr.shape}")
-        if order not in (0, 1):
-            raise ValueError("order must be 0 (nearest) or 1 (linear)")
-        if squeeze:
-            arr = arr[None]
+        arr = arr[None] if squeeze else arr
         if order == 1 and arr.dtype != np.float64:
             arr = arr.astype(np.float32, copy=False)
-        if self.is_identity:
-            can = arr.copy()
-        else:
-            nr, nc = self.canonical_shape
-            u, v = self.canonical_to_model(np.arange(nr), np.arange(nc))
-            if order == 0:
-                can = arr[:, _nearest_index(u, self.size)][:, :, _nearest_index(v, self.size)]
+        fill = np.broadcast_to(np.asarray(cval, dtype=arr.dtype if order == 0 else np.float64), (arr.shape[0],))
+        out = np.empty((arr.shape[0], *self.input_shape), dtype=arr.dtype)
+        out[...] = fill[:, None, None].astype(arr.dtype)
+        rs, cs = self._input_region()
+        if rs.stop > rs.start and cs.stop > cs.start:
+            size = self.size
+            u, v = self.input_to_model(np.arange(rs.start, rs.stop)[:, None], np.arange(cs.start, cs.stop)[None, :])
+            inside = (u >= -0.5) & (u <= size - 0.5) & (v >= -0.5) & (v <= size - 0.5)
+            if self.is_exact or order == 0:
+                ui = np.clip(np.floor(u + 0.5), 0, size - 1).astype(np.intp)
+                vi = np.clip(np.floor(v + 0.5), 0, size - 1).astype(np.intp)
+                region = arr[:, ui, vi]
             else:
-                can = _interp_axis(_interp_axis(arr, u, axis=1), v, axis=2)
-                can = can.astype(arr.dtype, copy=False)
-        out = from_canonical(can, self.orientation)
+                b = np.linalg.inv(self.linear)
+                start = np.array([u[0, 0], v[0, 0]])
+                region = np.empty((arr.shape[0], rs.stop - rs.start, cs.stop - cs.start), dtype=arr.dtype)
+                for i, chan in enumerate(arr):
+                    ndimage.affine_transform(chan, b, offset=start, output_shape=region.shape[1:],
+                                             output=region[i], order=1, mode="nearest")
+            region[:, ~inside] = fill[:, None].astype(arr.dtype)
+            out[:, rs, cs] = region
         return out[0] if squeeze else out
 
     # ---- boxes -----------------------------------------------------------------------------------
-    def _box_canonical_edges(self, cx: float, cy: float, w: float, h: float) -> tuple[float, float, float, float]:
-        """Normalised model box → canonical edge coordinates ``(r0, c0, r1, c1)``."""
-        n = self.size
-        # Model edge → model centre-index (−0.5) → canonical centre-index → canonical edge (+0.5).
-        u = np.array([(cy - h / 2) * n, (cy + h / 2) * n]) - 0.5
-        v = np.array([(cx - w / 2) * n, (cx + w / 2) * n]) - 0.5
-        r, c = self.model_to_canonical(u, v)
-        (r0, r1), (c0, c1) = r + 0.5, c + 0.5
-        return float(r0), float(c0), float(r1), float(c1)
-
     def box_to_input(self, cx: float, cy: float, w: float, h: float) -> tuple[float, float, float, float]:
         """Normalised model box ``(cx, cy, w, h)`` → ``(p0, q0, p1, q1)`` edge bounds on the input array.
 
         Floats in the input's pixel-edge coordinates (pixel ``p`` covers ``[p, p + 1)``), with
-        ``p0 ≤ p1`` along axis 0 and ``q0 ≤ q1`` along axis 1; round them for integer bounds.
+        ``p0 ≤ p1`` along axis 0 and ``q0 ≤ q1`` along axis 1: the input-aligned bounding box of the
+        (possibly rotated) model box; round them for integer bounds.
         """
-        r0, c0, r1, c1 = self._box_canonical_edges(cx, cy, w, h)
-        a = self.orientation.canonical_to_input_index(self.input_shape)
-        corners = np.array([[r0 - 0.5, c0 - 0.5, 1.0], [r1 - 0.5, c1 - 0.5, 1.0]])
-        pq = (a @ corners.T).T[:, :2] + 0.5
-        p0, p1 = sorted(pq[:, 0])
-        q0, q1 = sorted(pq[:, 1])
-        return float(p0), float(q0), float(p1), float(q1)
+        n = self.size
+        # Model edge → model centre-index (−0.5) → input centre-index → input edge (+0.5).
+        u = np.array([(cy - h / 2) * n, (cy + h / 2) * n]) - 0.5
+        v = np.array([(cx - w / 2) * n, (cx + w / 2) * n]) - 0.5
+        p, q = self.model_to_input(u[:, None], v[None, :])
+        return float(p.min() + 0.5), float(q.min() + 0.5), float(p.max() + 0.5), float(q.max() + 0.5)
 
     def box_to_ras(self, cx: float, cy: float, w: float, h: float) -> RasBox:
         """Normalised model box → :class:`RasBox` (centre, size along the slice axes, axis directions).
@@ -550,11 +581,16 @@ def resample_grid(
     slice_ijk_to_ras: Any,
     model_input: Union[None, ModelInput, Mapping[str, Any]] = None,
     max_obliquity_deg: float = DEFAULT_MAX_OBLIQUITY_DEG,
+    centre_ras: Optional[Any] = None,
 ) -> ResampleGrid:
-    """Build the :class:`ResampleGrid` for a slice of ``input_shape`` (checks that it is axial).
+    """Place the model window on a slice of ``input_shape`` (checks that the slice is axial).
 
-    The spacing used is ``max(model spacing, FOV / size)`` with FOV the larger canonical extent, so
-    the whole field of view fits in ``size × size``; the rest is padding.
+    The window is ``size × size`` pixels of ``spacing_mm``, its rows and columns along the patient's
+    axes (:func:`patient_axes`), centred on ``centre_ras`` (projected onto the slice plane) or, without
+    one, on the centre of the slice's field of view. The centre then snaps to a patient-space lattice
+    of ``WINDOW_LATTICE`` model pixels (moving ≤ 6.4 mm per axis at 0.8 mm) and, when the slice's axes
+    agree with the patient's up to flips at the model spacing, by ≤ half a pixel more onto the slice's
+    own pixel centres, so that case is an exact copy both ways.
     """
     mi = _as_model_input(model_input)
     m = _as_matrix(slice_ijk_to_ras)
@@ -562,28 +598,93 @@ def resample_grid(
     if min(shape) < 1:
         raise InputError(f"empty slice shape {shape}")
     orientation = canonical_orientation(m, max_obliquity_deg)
-    s0, s1 = pixel_spacing(m)
-    can_spacing = (s1, s0) if orientation.transpose else (s0, s1)
-    nr, nc = orientation.canonical_shape(shape)
-    fov = max(nr * can_spacing[0], nc * can_spacing[1])
-    spacing = float(mi.spacing_mm)
-    if fov / mi.size > spacing * (1.0 + _SAME_SPACING_RTOL):
-        spacing = fov / mi.size
-    return ResampleGrid(
-        input_shape=shape,
-        slice_ijk_to_ras=m.copy(),
-        orientation=orientation,
-        canonical_spacing=(float(can_spacing[0]), float(can_spacing[1])),
-        spacing_mm=spacing,
-        size=int(mi.size),
-    )
+    rows, cols, _ = patient_axes(m)
+    s, size = float(mi.spacing_mm), int(mi.size)
+    to_pixels = np.linalg.pinv(m[:3, :2])  # RAS offset in the plane → input pixel steps
+    linear = to_pixels @ np.stack([rows * s, cols * s], axis=1)
+    if _is_integral(linear, 1e-9):
+        linear = np.round(linear)  # keep the exact case exact despite float rounding of the matrix
+    if centre_ras is None:
+        centre = np.array([(shape[0] - 1) / 2.0, (shape[1] - 1) / 2.0])
+    else:
+        c = np.asarray(centre_ras, dtype=np.float64).reshape(-1)[:3]
+        if c.shape != (3,) or not np.all(np.isfinite(c)):
+            raise InputError(f"window centre must be a finite RAS point, got {centre_ras!r}")
+        centre = to_pixels @ (c - m[:3, 3])
+    h = (size - 1) / 2.0
+    # The window's centre moves onto a patient-space lattice through the RAS origin, WINDOW_LATTICE model
+    # pixels apart: the same anatomy on another pixel grid (padded, rotated) then meets the very same model
+    # pixels, two windows differ by whole network strides (between which the network is equivariant), and
+    # a slice mirrored about a lattice plane gets the mirrored window.
+    step = s * WINDOW_LATTICE
+    c = m[:3, 3] + m[:3, :2] @ centre
+    a, b = float(rows @ c), float(cols @ c)
+    c = c + (round(a / step) * step - a) * rows + (round(b / step) * step - b) * cols
+    offset = to_pixels @ (c - m[:3, 3]) - linear @ np.array([h, h])
+    if _is_integral(linear, 0.0) and bool(np.all(np.abs(linear).sum(axis=0) == 1)):
+        # Axes agree up to flips and the spacings are equal: model pixels on input pixel centres, so
+        # both ways are exact copies (no half-pixel shift, no blur).
+        offset = np.round(offset)
+    return ResampleGrid(input_shape=shape, slice_ijk_to_ras=m.copy(), orientation=orientation,
+                        spacing_mm=s, size=size, linear=linear, offset=offset)
+
+
+def anatomy_centre_ras(labels: np.ndarray, ijk_to_ras: Any, values: Optional[Any] = None) -> Optional[np.ndarray]:
+    """RAS centre of the bounding box, in the patient's axes, of the labelled structures (None if none).
+
+    ``labels`` is a 2-D label image on the grid of ``ijk_to_ras`` (a slice or the model grid);
+    ``values``: the label values that count (default: every structure, 1 … 9; 0 and 255 never count).
+    Training centres its windows with this on the ground truth, inference on the network's first look,
+    so both use one definition of "the spine's centre".
+    """
+    lab = np.asarray(labels)
+    if values is None:
+        mask = (lab >= 1) & (lab <= 9)
+    else:
+        mask = np.isin(lab, np.asarray(list(values)))
+    if not mask.any():
+        return None
+    m = _as_matrix(ijk_to_ras)
+    rows, cols, _ = patient_axes(m)
+    a = np.array([rows @ m[:3, 0], rows @ m[:3, 1]])
+    b = np.array([cols @ m[:3, 0], cols @ m[:3, 1]])
+    p, q = np.nonzero(mask)
+    # Bounding box along the patient axes of the pixel centres (exact for rotated grids too).
+    along_rows = a[0] * p + a[1] * q
+    along_cols = b[0] * p + b[1] * q
+    mid_r = 0.5 * (along_rows.min() + along_rows.max())
+    mid_c = 0.5 * (along_cols.min() + along_cols.max())
+    return m[:3, 3] + mid_r * rows + mid_c * cols
+
+
+def place_window(labels_on_model: np.ndarray, grid: ResampleGrid,
+                 tolerance_mm: float = RECENTRE_TOLERANCE_MM, margin_mm: float = EDGE_MARGIN_MM) -> Optional[np.ndarray]:
+    """Judge a window from what the network found in it: ``None`` if it is well placed, else a new centre.
+
+    ``labels_on_model``: the network's labels on ``grid``'s model pixels. The window is kept when the
+    structures' centre (:func:`anatomy_centre_ras`) is within ``tolerance_mm`` of the window's centre
+    along both patient axes and no structure comes closer than ``margin_mm`` to the window's edge;
+    otherwise the RAS point to centre it on is returned. Nothing found: kept (nothing to centre on).
+    """
+    lab = np.asarray(labels_on_model)
+    mask = (lab >= 1) & (lab <= 9)
+    if not mask.any():
+        return None
+    r, c = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    s, n = grid.spacing_mm, grid.size
+    h = (n - 1) / 2.0
+    off_r, off_c = (0.5 * (r[0] + r[-1]) - h) * s, (0.5 * (c[0] + c[-1]) - h) * s
+    margin = min(r[0], c[0], n - 1 - r[-1], n - 1 - c[-1]) * s
+    if max(abs(off_r), abs(off_c)) <= tolerance_mm and margin >= margin_mm:
+        return None
+    return anatomy_centre_ras(lab, grid.model_ijk_to_ras())
 
 
 @dataclass(frozen=True, eq=False)
 class PreparedSlice:
     """The model's input image and the grid that maps its outputs back."""
 
-    #: float32 ``(size, size)``, canonical orientation, intensities normalised to [0, 1], padding 0.
+    #: float32 ``(size, size)``, patient axes, intensities normalised to [0, 1], padding 0.
     image: np.ndarray
     grid: ResampleGrid
 
@@ -598,19 +699,20 @@ def prepare_slice(
     model_input: Union[None, ModelInput, Mapping[str, Any]] = None,
     normalisation: Union[None, NormalisationConfig, Mapping[str, Any]] = None,
     max_obliquity_deg: float = DEFAULT_MAX_OBLIQUITY_DEG,
+    centre_ras: Optional[Any] = None,
 ) -> PreparedSlice:
-    """Normalise, reorient and resample one 2-D slice for the network.
+    """Normalise one 2-D slice and resample it onto the model window (see :func:`resample_grid`).
 
     Intensities are normalised on the input's own pixels (so resampling does not change the
     percentiles), then resampled linearly (anti-aliased when downsampling) onto the model grid;
-    padding is 0, the normalised value of the low percentile.
+    padding is 0, the normalised value of the low percentile. Training and inference both call this.
     Raises :class:`InputError` for non-2-D/empty/non-finite input and :class:`NonAxialSliceError`.
     """
     arr = np.asarray(a)
     if arr.ndim != 2:
         raise InputError(f"expected a 2-D slice, got an array of shape {arr.shape}")
     norm = _as_normalisation(normalisation)
-    grid = resample_grid(arr.shape, slice_ijk_to_ras, model_input, max_obliquity_deg)
+    grid = resample_grid(arr.shape, slice_ijk_to_ras, model_input, max_obliquity_deg, centre_ras)
     normalised = normalise_intensity(arr, norm.low, norm.high)
     image = grid.to_model(normalised, order=1, cval=0.0).astype(np.float32, copy=False)
     return PreparedSlice(image=image, grid=grid)

@@ -3,8 +3,10 @@
 :class:`SliceSegmenter` loads a model once and can then be called repeatedly (and from several
 threads) without reloading. One call runs::
 
-    validate input → prepare_slice (canonical orientation, model grid, normalisation)
+    validate input → normalise → model window (patient axes, one spacing) on the field of view's centre
     → network → softmax over background + the structures the model learned
+    → mirrored pass (optional) → probabilities averaged
+    → first look: structures off the window's centre or at its edge? move the window onto them, run again
     → probabilities mapped back onto the input grid (linear) → argmax → uint8 labels
     → largest connected component per structure (optional)
     → boxes (of the final mask, and the BSN detector's) in pixels and RAS, confidence per structure
@@ -30,16 +32,36 @@ from .errors import InputError, ParaspinalSegError, import_torch
 from .geometry import pixel_box_to_ras
 from .postprocessing import keep_largest_component
 from .preprocessing import (
+    MAX_RECENTRES,
     ModelInput,
     NormalisationConfig,
     ResampleGrid,
     from_canonical,
-    prepare_slice,
+    normalise_intensity,
+    place_window,
+    resample_grid,
     slice_geometry_from_volume,
     to_canonical,
 )
 from .validation import check_slice_index, validate_slice
 from .weights import WeightsConfig, load_weights
+
+@dataclass(eq=False)
+class _Job:
+    """One slice on its way through :meth:`SliceSegmenter.segment_many` (window placement state)."""
+
+    shape: tuple[int, ...]
+    geometry: Any
+    #: The slice normalised and anti-aliased for the model spacing (reused by every window placement).
+    filtered: np.ndarray
+    grid: ResampleGrid
+    image: np.ndarray
+    prepare_s: float = 0.0
+    network_s: float = 0.0
+    placements: int = 1
+    probs: Optional[np.ndarray] = None
+    det: Optional[np.ndarray] = None
+
 
 @dataclass(frozen=True, eq=False)
 class StructureBox:
@@ -85,6 +107,9 @@ class SliceResult:
     max_probability: Optional[np.ndarray] = None
     #: Labels before largest-component cleaning (quality checks: fragmentation); ``labels`` when not cleaned.
     raw_labels: Optional[np.ndarray] = None
+    #: RAS (mm) of the model window's centre, and how many placements it took (1 = the first look was kept).
+    window_centre_ras: Optional[np.ndarray] = None
+    window_placements: int = 1
 
     @property
     def mask_boxes(self) -> dict[int, StructureBox]:
@@ -100,9 +125,10 @@ class SliceSegmenter:
     ``keep_largest``: keep only the largest connected component of each structure.
     ``mirror_tta`` (default on): also segment the slice mirrored across the midline (patient left ↔
     right, with the left/right structures swapped back) and average the two probability maps. One more
-    network pass buys a result that is exactly mirror-consistent (the mirrored slice gives the mirrored
-    segmentation, so left–right asymmetry measurements carry no bias of the network's own) and a few
-    tenths of a Dice point in cross-validation (``MODEL.md``); ``False`` halves the network time.
+    network pass treats left and right exactly alike within the model window (a slice mirrored about a
+    plane of the window lattice gives exactly the mirrored segmentation, so left–right asymmetry
+    measurements carry no bias of the network's own) and buys a few tenths of a Dice point in
+    cross-validation (``MODEL.md``); ``False`` halves the network time.
     """
 
     def __init__(
@@ -166,9 +192,9 @@ class SliceSegmenter:
         """Segment several slices, ``batch_size`` of them through the network at once; one result per slice.
 
         Each result equals what :meth:`segment` gives for that slice alone (``batch_size=1`` runs exactly the
-        same computation; larger batches differ only by floating-point rounding). Slices go into one batch
-        only when their network inputs have the same shape (always, for slices of one volume). Batching pays
-        on a GPU; on a CPU one slice at a time is as fast.
+        same computation; larger batches differ only by floating-point rounding). Every slice's network input
+        is the same model window, so any slices share a batch. Batching pays on a GPU; on a CPU one slice at a
+        time is as fast.
         """
         torch = import_torch()
         if len(slice_arrays) != len(slice_ijk_to_ras):
@@ -176,30 +202,55 @@ class SliceSegmenter:
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise InputError(f"batch size must be a whole number >= 1, got {batch_size!r}")
         results: list[SliceResult] = []
-        pending: list[tuple[Any, float]] = []  # (prepared slice, preparation seconds)
-
-        def flush() -> None:
-            if not pending:
-                return
-            t1 = time.perf_counter()
-            x = torch.from_numpy(np.stack([p.image for p, _ in pending]))[:, None].to(self.device)
-            probs, det = self._forward(torch, x)
-            share = (time.perf_counter() - t1) / len(pending)
-            for n, (prepared, prep_s) in enumerate(pending):
-                results.append(self._finish(torch, probs[n], None if det is None else det[n], prepared.grid, prep_s, share))
-            pending.clear()
-
-        for arr, geometry in zip(slice_arrays, slice_ijk_to_ras):
-            t0 = time.perf_counter()
-            arr = np.asarray(arr) if validated else validate_slice(arr)
-            prepared = prepare_slice(arr, geometry, self.model_input, self.normalisation)
-            if pending and pending[0][0].image.shape != prepared.image.shape:
-                flush()
-            pending.append((prepared, time.perf_counter() - t0))
-            if len(pending) >= batch_size:
-                flush()
-        flush()
+        # batch_size slices at a time from input to result: only they hold a normalised copy in memory.
+        for start in range(0, len(slice_arrays), batch_size):
+            jobs = [self._start(a, g, validated) for a, g in
+                    zip(slice_arrays[start:start + batch_size], slice_ijk_to_ras[start:start + batch_size])]
+            self._place_and_run(torch, jobs)
+            results += [self._finish(torch, j) for j in jobs]
         return results
+
+    def _start(self, arr: Any, geometry: Any, validated: bool) -> "_Job":
+        """Validate and normalise one slice; its first window sits on the field of view's centre."""
+        t0 = time.perf_counter()
+        arr = np.asarray(arr) if validated else validate_slice(arr)
+        grid = resample_grid(arr.shape, geometry, self.model_input)
+        # Normalised and anti-aliased once: both depend on the slice, not on where the window sits.
+        filtered = grid.antialias(normalise_intensity(arr, self.normalisation.low, self.normalisation.high))
+        image = grid.to_model(filtered, antialias=False)
+        return _Job(arr.shape, geometry, filtered, grid, image, prepare_s=time.perf_counter() - t0)
+
+    def _place_and_run(self, torch: Any, jobs: list["_Job"]) -> None:
+        """Network passes until every slice's window is placed: the first look.
+
+        A window whose structures lie more than ``RECENTRE_TOLERANCE_MM`` off its centre or run into its
+        edge moves onto them and is run again (at most ``MAX_RECENTRES`` times). The look uses the
+        (mirror-averaged) answer itself, so a window that is kept costs nothing extra, and a mirrored
+        slice gets the mirrored window.
+        """
+        active = list(jobs)
+        while active:
+            t1 = time.perf_counter()
+            x = torch.from_numpy(np.stack([j.image for j in active]))[:, None].to(self.device)
+            probs, det = self._forward(torch, x)
+            share = (time.perf_counter() - t1) / len(active)
+            moved_jobs = []
+            for n, job in enumerate(active):
+                job.network_s += share
+                job.probs, job.det = probs[n], None if det is None else det[n]
+                if job.placements > MAX_RECENTRES:
+                    continue
+                tp = time.perf_counter()
+                centre = place_window(self._channel_values[job.probs.argmax(axis=0)], job.grid)
+                if centre is not None:
+                    moved = resample_grid(job.shape, job.geometry, self.model_input, centre_ras=centre)
+                    # The lattice may keep the window where it is (e.g. when the anatomy fills it).
+                    if not np.array_equal(moved.offset, job.grid.offset):
+                        job.grid, job.image = moved, moved.to_model(job.filtered, antialias=False)
+                        job.placements += 1
+                        moved_jobs.append(job)
+                job.prepare_s += time.perf_counter() - tp
+            active = moved_jobs
 
     def _forward(self, torch: Any, x: Any) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """Class probabilities (B, C, H, W) of the learned channels, mirror-averaged if set, and detector boxes."""
@@ -216,13 +267,14 @@ class SliceSegmenter:
             det = out["boxes"].float().cpu().numpy() if "boxes" in out else None
         return probs, det
 
-    def _finish(self, torch: Any, probs: np.ndarray, det: Optional[np.ndarray], grid: ResampleGrid,
-                prepare_s: float, network_s: float) -> SliceResult:
+    def _finish(self, torch: Any, job: "_Job") -> SliceResult:
         """Probabilities of one slice → labels, boxes and confidence on its input grid."""
         t2 = time.perf_counter()
+        probs, det, grid = job.probs, job.det, job.grid
         # Probabilities (not labels) go back to the input grid so the argmax is taken at full
         # resolution: edges follow the interpolated probabilities instead of the model's pixels.
-        probs_in = grid.to_input(probs, order=1)
+        # Outside the window: background with certainty.
+        probs_in = grid.to_input(probs, order=1, cval=np.eye(len(self._channels), 1)[:, 0])
         # torch's max gives value and index in one pass, several times faster than numpy's argmax
         # over the leading axis.
         max_t, index_t = torch.from_numpy(np.ascontiguousarray(probs_in)).max(dim=0)
@@ -239,8 +291,10 @@ class SliceSegmenter:
         result = self._describe(labels, max_prob, det, grid)
         result.max_probability, result.raw_labels = max_prob, raw_labels  # for the quality checks
         t4 = time.perf_counter()
-        result.timings = {"prepare": prepare_s, "network": network_s, "map_back": t3 - t2, "postprocess": t4 - t3}
-        result.seconds = prepare_s + network_s + t4 - t2
+        result.timings = {"prepare": job.prepare_s, "network": job.network_s, "map_back": t3 - t2, "postprocess": t4 - t3}
+        result.seconds = job.prepare_s + job.network_s + t4 - t2
+        result.window_centre_ras = grid.centre_ras
+        result.window_placements = job.placements
         return result
 
     def segment_volume_slice(self, volume_array_kji: Any, volume_ijk_to_ras: Any, k: int) -> SliceResult:

@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from ParaspinalSegLib.anatomy import NOT_ANNOTATED
-from ParaspinalSegLib.preprocessing import prepare_slice
+from ParaspinalSegLib.preprocessing import anatomy_centre_ras, prepare_slice
 from training.data import load_slicer_pair, load_source_folder, prepare_records, subject_folds
 from training.tests.synthetic import synthetic_slice
 
@@ -17,13 +17,18 @@ DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 def test_prepared_image_is_inference_image_and_labels_follow_it():
     rec = synthetic_slice(64, seed=1)
     data = prepare_records([rec], {"spacing_mm": 1.3, "size": 64}, {"low": 0.5, "high": 99.5})
-    ref = prepare_slice(rec.image, rec.slice_ijk_to_ras, {"spacing_mm": 1.3, "size": 64}, {"low": 0.5, "high": 99.5})
+    # Inference's own function, on a window centred on the labelled structures.
+    centre = anatomy_centre_ras(rec.labels, rec.slice_ijk_to_ras, rec.trusted_structures)
+    ref = prepare_slice(rec.image, rec.slice_ijk_to_ras, {"spacing_mm": 1.3, "size": 64}, {"low": 0.5, "high": 99.5},
+                        centre_ras=centre)
     assert np.array_equal(data.images[0, 0].numpy(), ref.image)
+    assert np.allclose(data.grids[0].centre_ras, ref.grid.centre_ras)
+    assert np.linalg.norm(ref.grid.centre_ras[:2] - centre[:2]) <= 1.3 * 16 / 2 * np.sqrt(2) + 1e-6
     lab = data.labels[0].numpy()
-    # canonical view: patient left (psoas left, value 4) on the image's right half, anterior (disc) above the muscles
+    # patient axes: patient left (psoas left, value 4) right of patient right, anterior (disc) above the muscles
     cols4 = np.nonzero(lab == 4)[1].mean()
     cols5 = np.nonzero(lab == 5)[1].mean()
-    assert cols4 > 32 > cols5
+    assert cols4 > cols5 + 10
     assert np.nonzero(lab == 1)[0].mean() < np.nonzero(lab == 6)[0].mean()
     assert (lab == NOT_ANNOTATED).any() and data.trusted[0].tolist() == [True, True, False, False] + [True] * 6
 

@@ -11,11 +11,16 @@ import math
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from ParaspinalSegLib.errors import InputError
 from ParaspinalSegLib.preprocessing import (
     CanonicalOrientation,
     ModelInput,
+    anatomy_centre_ras,
+    canonical_ijk_to_ras,
+    patient_axes,
+    place_window,
     NonAxialSliceError,
     NormalisationConfig,
     from_canonical,
@@ -141,9 +146,11 @@ def test_canonical_orientation_puts_patient_left_on_viewer_right(name):
     assert r > H / 2 and c < W / 2, "posterior-right structure must be bottom-left"
     # from_canonical is the exact inverse, and the canonical matrix points rows → P, columns → L.
     assert np.array_equal(from_canonical(can, ori), lab)
-    grid = resample_grid(lab.shape, m, ModelInput(spacing_mm=S, size=96))
-    cm = grid.canonical_ijk_to_ras()
+    cm = canonical_ijk_to_ras(m, ori, lab.shape)
     assert np.allclose(cm[:3, 0], [0, -S, 0]) and np.allclose(cm[:3, 1], [-S, 0, 0])
+    # The model grid's rows step posterior and its columns to patient left, at the model spacing.
+    mm = resample_grid(lab.shape, m, ModelInput(spacing_mm=2.0, size=64)).model_ijk_to_ras()
+    assert np.allclose(mm[:3, 0], [0, -2.0, 0]) and np.allclose(mm[:3, 1], [-2.0, 0, 0])
     # The canonical matrix maps canonical pixels to the same RAS as the input pixels they came from.
     x_in, y_in, _ = pixel_ras(m, lab.shape)
     x_can, y_can, _ = pixel_ras(cm, can.shape)
@@ -283,23 +290,100 @@ def test_prepare_slice_rejects_bad_input():
 
 # ---- resampling and the way back --------------------------------------------------------------
 
+
 def test_identity_round_trip_is_bit_exact():
     size = 128
     m = centred_slice_matrix([0, -0.8, 0], [-0.8, 0, 0], (size, size))
     img, lab = synthetic_slice(m, (size, size))
     prep = prepare_slice(img, m, ModelInput(spacing_mm=0.8, size=size))
     grid = prep.grid
+    # Centred on the RAS origin, a lattice point: the window is the slice itself.
     assert grid.is_identity and grid.spacing_mm == 0.8
     assert np.array_equal(prep.image, normalise_intensity(img))
     assert np.array_equal(grid.to_input(prep.image), prep.image)
     assert np.array_equal(grid.to_input(grid.to_model(lab, order=0), order=0), lab)
     logits = np.random.default_rng(1).normal(size=(3, size, size)).astype(np.float32)
     assert np.array_equal(grid.to_input(logits, order=1), logits)
-    assert grid.box_to_input(*normalised_box(10, 20, 30, 50, size, size)) == (10, 20, 30, 50)
+    assert grid.box_to_input(*normalised_box(10, 20, 30, 50, size, size)) == pytest.approx((10, 20, 30, 50), abs=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(255, 255), (254, 254), (253, 200), (201, 256), (256, 256), (301, 300)])
+@pytest.mark.parametrize("storage", ["lps", "ras_transposed"])
+def test_slice_at_model_spacing_is_copied_exactly_at_odd_and_even_sizes(shape, storage):
+    """Issue 16 5(c): a slice at the model spacing, an odd or even number of pixels off the model grid, is
+    neither shifted by half a pixel nor blurred: one-pixel stripes come through both ways intact."""
+    d0, d1 = ([0, -0.8, 0], [-0.8, 0, 0]) if storage == "lps" else ([0.8, 0, 0], [0, 0.8, 0])
+    m = centred_slice_matrix(d0, d1, shape)
+    m[:3, 3] += [3.3, -7.1, 0.0]  # the field of view off the lattice: the window still lands on its pixels
+    img = np.zeros(shape, np.float32)
+    r0, c0 = shape[0] // 2 - 7, shape[1] // 2 + 5
+    img[r0, :] = 1.0
+    img[:, c0] = 2.0
+    grid = resample_grid(shape, m, ModelInput(spacing_mm=0.8, size=256))
+    model = grid.to_model(img, order=1)
+    assert set(np.unique(model)) <= {0.0, 1.0, 2.0}  # no blur (before the fix: 0.5 at odd sizes)
+    assert grid.is_exact
+    # Each stripe is one model row / column, at the RAS position of the input stripe (no half-pixel shift).
+    rows = np.nonzero((model == 1.0).sum(axis=1) + (model == 1.0).sum(axis=0))[0]
+    ras_model = pixel_ras(grid.model_ijk_to_ras(), (256, 256))
+    ras_input = pixel_ras(m, shape)
+    for value in (1.0, 2.0):
+        sel_in, sel_model = img == value, model == value
+        for k in range(2):
+            got = np.unique(np.round(ras_model[k][sel_model], 6))
+            want = np.unique(np.round(ras_input[k][sel_in], 6))
+            assert np.all(np.isin(got, want))
+    assert rows.size >= 1
+    back = grid.to_input(model, order=1)
+    covered = grid.to_input(np.ones((256, 256), np.float32), order=1, cval=0.0) == 1.0
+    assert np.array_equal(back[covered], img[covered])
+    assert np.array_equal(grid.to_input(grid.to_model(img, order=0), order=0)[covered], img[covered])
+    assert img[covered].sum() > 0.5 * img.sum() or shape[0] > 256
+
+
+def _rotated_matrix(deg: float, spacing: float, shape, centre=(4.0, -6.0)) -> np.ndarray:
+    """LPS slice axes rotated in-plane by ``deg`` about S, field of view centred on ``centre`` (RAS x, y)."""
+    t = math.radians(deg)
+    rot = np.array([[math.cos(t), -math.sin(t), 0], [math.sin(t), math.cos(t), 0], [0, 0, 1]])
+    m = centred_slice_matrix(rot @ [0, -spacing, 0], rot @ [-spacing, 0, 0], shape)
+    m[:3, 3] += [centre[0], centre[1], 0.0]
+    return m
+
+
+def _phantom_on(m: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:
+    """The phantom at fixed RAS positions (half-width 80 mm), whatever the grid."""
+    x, y, _ = pixel_ras(m, shape)
+    lab = phantom_labels(x - 4.0, y + 6.0, 80.0)
+    return np.array([0.0, 300.0, 900.0, 600.0, 450.0])[lab] + 20.0 * np.sin(x / 9.0), lab
+
+
+@pytest.mark.parametrize("deg", [-20.0, -10.0, 0.0, 10.0, 20.0, 37.0, 180.0])
+def test_rotated_slice_is_seen_in_the_patient_axes(deg):
+    """In-plane rotation of the pixel axes against the patient is undone: the model sees the phantom exactly as
+    drawn on its own grid (patient axes), and the way back returns the input's labels."""
+    shape = (300, 300)
+    m = _rotated_matrix(deg, 0.7, shape)
+    img, lab = _phantom_on(m, shape)
+    grid = resample_grid(shape, m, ModelInput(spacing_mm=0.8, size=256), centre_ras=[4.0, -6.0, 12.0])
+    mm = grid.model_ijk_to_ras()
+    assert np.allclose(mm[:3, 0], [0, -0.8, 0]) and np.allclose(mm[:3, 1], [-0.8, 0, 0])
+    x, y, _ = pixel_ras(mm, (256, 256))
+    truth = phantom_labels(x - 4.0, y + 6.0, 80.0)
+    model_lab = grid.to_model(lab, order=0)
+    assert np.mean(model_lab == truth) > 0.99
+    onehot = (lab[None] == np.arange(5)[:, None, None]).astype(np.float32)
+    back = grid.to_input(grid.to_model(onehot, order=1), order=1, cval=[1, 0, 0, 0, 0]).argmax(axis=0)
+    assert np.mean(back == lab) > 0.99
+    # Boxes found on the model grid land on the input structure (within a model pixel and a half).
+    for v in (LEFT_MARKER, ANTERIOR):
+        p0, q0, p1, q1 = grid.box_to_input(*normalised_box(*box_from_mask(model_lab == v), 256, 256))
+        t0, u0, t1, u1 = box_from_mask(lab == v)
+        # The input-aligned box of a rotated box is larger; its centre is the structure's.
+        assert abs((p0 + p1) / 2 - (t0 + t1) / 2) < 1.5 and abs((q0 + q1) / 2 - (u0 + u1) / 2) < 1.5
 
 
 CASES = [
-    # (name, axis-0 step, axis-1 step, shape): FOV 150 / 450 mm, 192² / 1024², non-square pixels
+    # (name, axis-0 step, axis-1 step, shape): FOV 150 / 450 mm, 192² / 1024², non-square pixels, oblique
     ("fov150_192_lps", [0, -150 / 192, 0], [-150 / 192, 0, 0], (192, 192)),
     ("fov450_192_ras", [0, 450 / 192, 0], [450 / 192, 0, 0], (192, 192)),
     ("fov450_1024_nifti", [450 / 1024, 0, 0], [0, 450 / 1024, 0], (1024, 1024)),
@@ -311,67 +395,116 @@ CASES = [
 @pytest.mark.parametrize("name, d0, d1, shape", CASES, ids=[c[0] for c in CASES])
 def test_round_trip_returns_the_input_grid(name, d0, d1, shape):
     m = centred_slice_matrix(d0, d1, shape)
-    img, lab = synthetic_slice(m, shape)
-    mi = ModelInput(spacing_mm=0.8, size=256)
-    prep = prepare_slice(img, m, mi)
+    x, y, _ = pixel_ras(m, shape)
+    lab = phantom_labels(x, y, 75.0)  # the anatomy has one size, whatever the field of view
+    img = np.array([0.0, 300.0, 900.0, 600.0, 450.0])[lab] + 20.0 * np.sin(x / 9.0)
+    prep = prepare_slice(img, m, ModelInput(spacing_mm=0.8, size=256))
     grid = prep.grid
-    assert prep.image.shape == (256, 256)
-    fov = max(n * s for n, s in zip(grid.canonical_shape, grid.canonical_spacing))
-    assert grid.spacing_mm == pytest.approx(max(0.8, fov / 256))
-    # Whole FOV fits: every structure of the input appears on the model grid.
+    assert prep.image.shape == (256, 256) and grid.spacing_mm == 0.8
+    # One spacing, the patient's axes, centred on the field of view (the RAS origin here; an oblique plane
+    # meets the lattice elsewhere, within half a lattice step along each axis).
+    mm = grid.model_ijk_to_ras()
+    assert np.allclose(np.linalg.norm(mm[:3, :2], axis=0), 0.8)
+    assert mm[1, 0] < -0.75 and mm[0, 1] < -0.75
+    assert np.all(np.abs(grid.centre_ras[:2]) <= 0.8 * 16 / 2 + 0.5 * max(pixel_spacing(m)))
     model_lab = grid.to_model(lab, order=0)
     assert set(np.unique(model_lab)) == set(np.unique(lab))
 
-    # Labels: nearest both ways.
-    back = grid.to_input(model_lab, order=0)
+    inside = grid.to_input(np.ones((256, 256), np.float32), cval=0.0) == 1.0
+    window_mm = 256 * 0.8
+    assert inside.sum() * np.prod(pixel_spacing(m)) == pytest.approx(
+        min(window_mm, shape[0] * pixel_spacing(m)[0]) * min(window_mm, shape[1] * pixel_spacing(m)[1]), rel=0.03)
+    # Labels: nearest both ways; outside the window cval.
+    back = grid.to_input(model_lab, order=0, cval=0)
     assert back.shape == lab.shape and back.dtype == lab.dtype
-    assert np.mean(back == lab) >= 0.99
+    assert np.all(back[~inside] == 0)
+    assert np.mean(back[inside] == lab[inside]) >= 0.99 and np.all(lab[~inside] == 0)
     # Probabilities: linear both ways, argmax on the input grid.
     onehot = (lab[None] == np.arange(5)[:, None, None]).astype(np.float32)
-    probs = grid.to_model(onehot, order=1)
-    back = grid.to_input(probs, order=1).argmax(axis=0)
+    back = grid.to_input(grid.to_model(onehot, order=1), order=1, cval=[1, 0, 0, 0, 0]).argmax(axis=0)
     assert back.shape == lab.shape and np.mean(back == lab) >= 0.99
 
-    # A smooth field comes back (away from the FOV border, where edge clamping acts).
-    x, y, _ = pixel_ras(m, shape)
+    # A smooth field comes back (away from the window's and the FOV's border, where edge clamping acts).
     smooth = (np.sin(x / 40.0) + np.cos(y / 55.0)).astype(np.float32)
     back = grid.to_input(grid.to_model(smooth, order=1), order=1)
-    inner = np.zeros(shape, bool)
-    inner[8:-8, 8:-8] = True
-    assert back.shape == shape
+    inner = ndimage.binary_erosion(inside, iterations=8, border_value=0)
     assert np.abs(back - smooth)[inner].max() < 0.01
 
     # Padding: model pixels outside the FOV are 0.
-    r, c = grid.model_to_canonical(np.arange(256), np.arange(256))
-    outside = (r < -0.5) | (r > grid.canonical_shape[0] - 0.5)
+    p, q = grid.model_to_input(np.arange(256)[:, None], np.arange(256)[None, :])
+    outside = (p < -0.5) | (p > shape[0] - 0.5) | (q < -0.5) | (q > shape[1] - 0.5)
     assert np.all(prep.image[outside] == 0)
 
-    # Boxes found on the model image map back onto the input structure: edges within one pixel
-    # (of the coarser of the two grids: half a model pixel is the nearest-neighbour quantisation),
-    # RAS centre within half a voxel.
+    # Boxes found on the model image map back onto the input structure, RAS centre within a voxel.
     half_voxel = 0.5 * max(grid.spacing_mm, max(pixel_spacing(m))) + 1e-6
+    s0, s1 = pixel_spacing(m)
     for v in (LEFT_MARKER, ANTERIOR, POST_RIGHT):
-        b_model = box_from_mask(model_lab == v)
-        nbox = normalised_box(*b_model, 256, 256)
+        nbox = normalised_box(*box_from_mask(model_lab == v), 256, 256)
         p0, q0, p1, q1 = grid.box_to_input(*nbox)
         t0, u0, t1, u1 = box_from_mask(lab == v)
-        s0, s1 = pixel_spacing(m)
-        assert abs(p0 - t0) <= max(1.0, 0.5 * grid.spacing_mm / s0) + 1e-6, (v, p0, t0)
-        assert abs(p1 - t1) <= max(1.0, 0.5 * grid.spacing_mm / s0) + 1e-6, (v, p1, t1)
-        assert abs(q0 - u0) <= max(1.0, 0.5 * grid.spacing_mm / s1) + 1e-6, (v, q0, u0)
-        assert abs(q1 - u1) <= max(1.0, 0.5 * grid.spacing_mm / s1) + 1e-6, (v, q1, u1)
+        tol0, tol1 = max(1.0, 0.5 * 0.8 / s0) + 0.2, max(1.0, 0.5 * 0.8 / s1) + 0.2
+        assert abs(p0 - t0) <= tol0 and abs(p1 - t1) <= tol0, (v, p0, t0, p1, t1)
+        assert abs(q0 - u0) <= tol1 and abs(q1 - u1) <= tol1, (v, q0, u0, q1, u1)
         rb = grid.box_to_ras(*nbox)
         true_centre = (m @ [(t0 + t1) / 2 - 0.5, (u0 + u1) / 2 - 0.5, 0, 1])[:3]
-        assert np.linalg.norm(rb.center_ras - true_centre) <= half_voxel * math.sqrt(2)
-        assert np.all(np.abs(rb.center_ras - true_centre) <= half_voxel)
+        assert np.linalg.norm(rb.center_ras - true_centre) <= 2 * half_voxel * math.sqrt(2)
         assert rb.size_mm == pytest.approx([(p1 - p0) * s0, (q1 - q0) * s1])
         assert np.allclose(rb.axes_ras[:, 0], m[:3, 0] / s0) and np.allclose(rb.axes_ras[:, 1], m[:3, 1] / s1)
-        assert np.linalg.det(rb.axes_ras) == pytest.approx(1.0, abs=0.02)
 
-    # The model grid is centred on the field of view: its centre is the input's centre in RAS.
-    model_centre = grid.model_ijk_to_ras() @ [127.5, 127.5, 0, 1]
-    input_centre = m @ [(shape[0] - 1) / 2, (shape[1] - 1) / 2, 0, 1]
-    assert np.allclose(model_centre, input_centre)
+
+def test_window_snaps_to_a_patient_space_lattice():
+    """Two placements differ by whole network strides, and the same RAS point gives the same model pixels
+    whatever the input grid (padded, rotated)."""
+    shape = (300, 300)
+    mi = ModelInput(spacing_mm=0.8, size=256)
+    lattice = 0.8 * 16
+    centres = []
+    for deg in (0.0, 13.0, -20.0):
+        m = _rotated_matrix(deg, 0.7, shape)
+        grid = resample_grid(shape, m, mi, centre_ras=[9.0, -20.0, 0.0])
+        mm = grid.model_ijk_to_ras()
+        centres.append(grid.centre_ras)
+        # Window centre on the lattice through the RAS origin (the patient axes are −x / −y here).
+        assert np.allclose(np.round(grid.centre_ras[:2] / lattice) * lattice, grid.centre_ras[:2], atol=1e-6)
+        assert np.linalg.norm(grid.centre_ras[:2] - [9.0, -20.0]) <= lattice / math.sqrt(2) + 1e-6
+        assert np.allclose(mm[:3, 0], [0, -0.8, 0]) and np.allclose(mm[:3, 1], [-0.8, 0, 0])
+    assert np.allclose(centres[0], centres[1]) and np.allclose(centres[0], centres[2])
+
+
+def test_anatomy_centre_and_window_placement():
+    shape = (256, 256)
+    mi = ModelInput(spacing_mm=0.8, size=256)
+    for deg in (0.0, 15.0):
+        m = _rotated_matrix(deg, 0.8, shape, centre=(0.0, 0.0))
+        x, y, _ = pixel_ras(m, shape)
+        lab = np.zeros(shape, np.uint8)
+        lab[(np.abs(x - 20.0) < 30) & (np.abs(y + 10.0) < 15)] = 6
+        lab[(np.abs(x - 20.0) < 5) & (np.abs(y - 30.0) < 5)] = 255  # not a structure: ignored
+        c = anatomy_centre_ras(lab, m)
+        assert np.allclose(c[:2], [20.0, -10.0], atol=0.8)
+        assert anatomy_centre_ras(np.zeros(shape, np.uint8), m) is None
+    # On the model grid: a centred structure keeps the window; 20 mm off centre or at the edge moves it.
+    grid = resample_grid(shape, np.diag([-0.8, -0.8, 1.0, 1.0]) @ _shift(-102.0, -102.0), mi)
+    r, c = grid.model_to_input(np.arange(256)[:, None], np.arange(256)[None, :])
+    assert grid.is_identity or grid.is_exact
+    lab = np.zeros((256, 256), np.uint8)
+    lab[100:156, 90:166] = 1
+    assert place_window(lab, grid) is None
+    lab2 = np.roll(lab, 25, axis=1)  # 20 mm towards patient left
+    moved = place_window(lab2, grid)
+    assert moved is not None and np.isclose(moved[0] - grid.centre_ras[0], -20.0, atol=0.8)
+    edge = np.zeros_like(lab)
+    edge[120:130, 2:250] = 8  # centred but touching the window's edge: may continue outside
+    assert place_window(edge, grid) is not None
+    assert place_window(np.zeros_like(lab), grid) is None
+    rows, cols, n = patient_axes(_rotated_matrix(25.0, 0.8, shape))
+    assert np.allclose(rows, [0, -1, 0]) and np.allclose(cols, [-1, 0, 0]) and np.allclose(n, [0, 0, 1])
+
+
+def _shift(x: float, y: float) -> np.ndarray:
+    t = np.eye(4)
+    t[0, 3], t[1, 3] = x / -0.8, y / -0.8
+    return t
 
 
 def test_downsampling_is_antialiased():
@@ -379,8 +512,8 @@ def test_downsampling_is_antialiased():
     shape = (512, 512)
     m = centred_slice_matrix([0, -0.5, 0], [-0.5, 0, 0], shape)
     stripes = np.tile((np.arange(shape[1]) % 3 == 0).astype(np.float32), (shape[0], 1))
-    grid = resample_grid(shape, m, ModelInput(spacing_mm=0.8, size=128))
-    assert grid.scale == (4.0, 4.0)
+    grid = resample_grid(shape, m, ModelInput(spacing_mm=2.0, size=128))
+    assert grid.input_steps == (4.0, 4.0)
     smooth = grid.to_model(stripes, order=1)[8:-8, 8:-8]
     aliased = grid.to_model(stripes, order=1, antialias=False)[8:-8, 8:-8]
     assert abs(smooth.mean() - 1 / 3) < 0.02 and smooth.std() < 0.03
@@ -394,6 +527,8 @@ def test_to_input_rejects_wrong_shapes():
         grid.to_input(np.zeros((3, 32, 32)))
     with pytest.raises(InputError):
         grid.to_model(np.zeros((10, 10)))
+    with pytest.raises(InputError):
+        resample_grid(SHAPE, m, ModelInput(spacing_mm=2.0, size=64), centre_ras=[np.nan, 0, 0])
 
 
 def test_resampling_onto_the_model_grid_warns_nothing():

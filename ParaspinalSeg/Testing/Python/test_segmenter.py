@@ -175,11 +175,12 @@ def test_flipped_storage_gives_flipped_labels(weights_dir, axes):
 
 def test_mirror_tta_is_mirror_consistent(weights_dir):
     """With mirror TTA (the default), the patient mirrored across the midline gets the mirrored, left/right-swapped
-    labels (for any weights: the two passes swap roles); in a single pass a random model has no such symmetry."""
+    labels (for any weights: the two passes swap roles); in a single pass a random model has no such symmetry.
+    The mirror plane is x = 0, a plane of the window lattice, so the mirrored slice gets the mirrored window."""
     from ParaspinalSegLib.anatomy import LEFT_RIGHT_SWAP
 
     swap = np.asarray(LEFT_RIGHT_SWAP, dtype=np.uint8)
-    a, m = phantom(192, 192, seed=7), canonical_matrix()
+    a, m = phantom(192, 192, seed=7), canonical_matrix(origin=(95.5, 120.0, -30.0))
     mirrored = a[:, ::-1].copy()  # columns run toward patient left: flipping them mirrors the patient
 
     def agreement(seg):
