@@ -119,6 +119,147 @@ def export_weights(model: torch.nn.Module, path: Path, config: Mapping[str, Any]
     )
 
 
+@dataclass(eq=False)
+class _Run:
+    """Everything one :func:`train` call works with; what a checkpoint holds is :meth:`checkpoint`."""
+
+    config: Mapping[str, Any]
+    out: Path
+    dev: torch.device
+    rank: int
+    world: int
+    train_data: Any
+    val_data: Any
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    amp_dtype: Optional[torch.dtype]
+    order_gen: torch.Generator
+    aug_gen: torch.Generator
+    info: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: float = -math.inf
+    start: int = 0
+
+    @property
+    def ddp(self) -> bool:
+        return self.world > 1
+
+    def checkpoint(self, epoch: int, aug_states: list[torch.Tensor]) -> dict[str, Any]:
+        """The resumable state after ``epoch``: parameters, optimizer, mixed-precision scaler, RNGs, history."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            # fp16's loss scale and its growth counter: without them a resumed fp16 run is not the same run.
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch + 1,
+            "history": self.history,
+            "best": self.best if math.isfinite(self.best) else None,
+            "order_gen": self.order_gen.get_state(),
+            "aug_gen": aug_states,
+            "config": dict(self.config),
+        }
+
+
+def _setup(config: Mapping[str, Any], records: Sequence[SliceRecord], val_records: Sequence[SliceRecord], out_dir: str | Path,
+           device: str, training_info: Optional[Mapping[str, Any]]) -> _Run:
+    """Process group, determinism, data on the device, network, optimizer, scaler and generators."""
+    rank, world, _ = _dist()
+    dev = resolve_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed = int(config["seed"])
+    set_determinism(seed, bool(config["deterministic"]))
+    train_data = prepare_records(records, config["model_input"], config["normalisation"]).to(dev)
+    val_data = prepare_records(val_records, config["model_input"], config["normalisation"]).to(dev) if val_records else None
+    torch.manual_seed(seed)  # same initial parameters on every rank and every run
+    model = build_network(network_config(config)).to(dev)
+    amp_dtype = mixed_precision(dev, bool(config["amp"]))
+    info = {
+        "name": config["name"],
+        "config": dict(config),
+        "data": sorted({r.source for r in records}),
+        "train_cases": [r.case_id for r in records],
+        "val_cases": [r.case_id for r in val_records],
+        "seed": seed,
+        "device": str(dev),
+        "world_size": world,
+        **dict(training_info or {}),
+        "precision": str(amp_dtype).replace("torch.", "") if amp_dtype is not None else "float32",
+    }
+    return _Run(
+        config=config, out=out, dev=dev, rank=rank, world=world, train_data=train_data, val_data=val_data,
+        model=model, optimizer=build_optimizer(model, config["optimizer"]),
+        # A loss scale only for fp16 (bf16 has fp32's range).
+        scaler=torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16), amp_dtype=amp_dtype,
+        order_gen=torch.Generator().manual_seed(seed),  # batch order: identical on all ranks
+        aug_gen=torch.Generator(device=dev).manual_seed(seed * 1000 + 1 + rank), info=info,
+    )
+
+
+def _resume(run: _Run, path: Path) -> None:
+    """Continue from a checkpoint written by :meth:`_Run.checkpoint`."""
+    ck = torch.load(path, map_location=run.dev, weights_only=True)
+    run.model.load_state_dict(ck["model"])
+    run.optimizer.load_state_dict(ck["optimizer"])
+    if ck.get("scaler"):  # checkpoints from before the scaler was saved have none
+        run.scaler.load_state_dict(ck["scaler"])
+    run.order_gen.set_state(ck["order_gen"])
+    run.aug_gen.set_state(ck["aug_gen"][min(run.rank, len(ck["aug_gen"]) - 1)].to(run.aug_gen.get_state().device))
+    run.start, run.history = int(ck["epoch"]), list(ck["history"])
+    run.best = float(ck["best"]) if ck["best"] is not None else -math.inf
+
+
+def train_step(run: _Run, net: torch.nn.Module, idx: torch.Tensor, phase: str) -> tuple[torch.Tensor, dict[str, float]]:
+    """One optimisation step on the slices ``idx``: augment, forward (autocast), loss, scaled backward, clip, step."""
+    config, data = run.config, run.train_data
+    x, y, t = augment_batch(data.images[idx], data.labels[idx], data.trusted[idx], config["augmentation"], run.aug_gen)
+    with torch.autocast(run.dev.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+        # A BSN epoch's loss needs only the BSN's outputs: skip the decoder (about a third of a step).
+        out = net(x, bsn_only=True) if phase == "bsn" else net(x)
+    loss, parts = training_loss(out, y, t, phase, config["loss"])
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    clip = float(config["optimizer"]["grad_clip"] or 0)
+    if clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return loss, parts
+
+
+def _end_of_epoch(run: _Run, row: dict[str, Any], epoch: int, last: bool, records: Sequence[SliceRecord]) -> None:
+    """Validate when due (rank 0), export a new best, checkpoint when due, write the history."""
+    config = run.config
+    every = int(config["val_every"] or 0)
+    new_best = False
+    if run.val_data is not None and (last or (every and (epoch + 1) % every == 0)) and run.rank == 0:
+        row["val_dice"] = canonical_dice(run.model, run.val_data, batch_size=max(int(config["batch_size"]), 4))
+        if row["val_dice"] > run.best:
+            run.best, new_best = row["val_dice"], True
+    run.history.append(row)
+    aug_states: list[torch.Tensor] = []
+    if last or (epoch + 1) % max(1, int(config["checkpoint_every"])) == 0:
+        aug_states = [run.aug_gen.get_state().cpu()]
+        if run.ddp:  # every rank's augmentation stream, so a resumed DDP run continues each of them
+            gathered: list[Any] = [None] * run.world
+            torch.distributed.all_gather_object(gathered, aug_states[0])
+            aug_states = gathered
+    if run.rank == 0:
+        if new_best:
+            export_weights(run.model, run.out / "best", config, records, {**run.info, "epoch": epoch}, {"val_dice_model_grid": run.best})
+        if aug_states:
+            _atomic_save(run.checkpoint(epoch, aug_states), run.out / CHECKPOINT)
+        (run.out / "history.json").write_text(json.dumps(json_ready(run.history), indent=1), encoding="utf-8")
+    if run.ddp:
+        torch.distributed.barrier()
+
+
 def train(
     config: Mapping[str, Any],
     records: Sequence[SliceRecord],
@@ -134,171 +275,78 @@ def train(
 ) -> RunResult:
     """Train on ``records`` (validate on ``val_records``) into ``out_dir``; see the module docstring.
 
-    ``resume=True`` continues from ``out_dir/checkpoint.pt`` (epoch counter, parameters, optimizer and
-    random-generator states), so an interrupted run ends with the same parameters as an uninterrupted
-    one. ``max_steps`` stops after that many optimisation steps (timing measurements);
-    ``stop_after_epochs`` stops (checkpointed, nothing exported) once the run has reached that epoch,
-    counted from the run's start (not from a resume), as an interruption would (the learning-rate and phase schedule still follow ``config["epochs"]``).
+    ``resume=True`` continues from ``out_dir/checkpoint.pt`` (epoch counter, parameters, optimizer,
+    mixed-precision scaler and random-generator states), so an interrupted run ends with the same
+    parameters as an uninterrupted one. ``max_steps`` stops after that many optimisation steps (timing
+    measurements); ``stop_after_epochs`` stops (checkpointed, nothing exported) once the run has reached
+    that epoch, counted from the run's start (not from a resume), as an interruption would (the
+    learning-rate and phase schedule still follow ``config["epochs"]``).
+
+    Steps: :func:`_setup`, :func:`_resume`, then per epoch the phase, :func:`train_step` per batch and
+    :func:`_end_of_epoch` (validation, checkpoint), and last :func:`export_weights`.
     """
-    rank, world, local = _dist()
-    dev = resolve_device(device)
-    ddp = world > 1
-    if ddp and not torch.distributed.is_initialized():
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    seed = int(config["seed"])
-    set_determinism(seed, bool(config["deterministic"]))
-
-    train_data = prepare_records(records, config["model_input"], config["normalisation"]).to(dev)
-    val_data = prepare_records(val_records, config["model_input"], config["normalisation"]).to(dev) if val_records else None
-
-    torch.manual_seed(seed)  # same initial parameters on every rank and every run
-    model = build_network(network_config(config)).to(dev)
-    has_bsn = model.bsn is not None
-    optimizer = build_optimizer(model, config["optimizer"])
-    epochs = int(config["epochs"])
-    batch_size = int(config["batch_size"])
-    order_gen = torch.Generator().manual_seed(seed)  # batch order: identical on all ranks
-    aug_gen = torch.Generator(device=dev).manual_seed(seed * 1000 + 1 + rank)
-    history: list[dict[str, Any]] = []
-    best = -math.inf
-    start = 0
-    ckpt_path = out / CHECKPOINT
-    if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=dev, weights_only=True)
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        order_gen.set_state(ck["order_gen"])
-        aug_gen.set_state(ck["aug_gen"][min(rank, len(ck["aug_gen"]) - 1)].to(aug_gen.get_state().device))
-        start, history = int(ck["epoch"]), list(ck["history"])
-        best = float(ck["best"]) if ck["best"] is not None else -math.inf
-    elif resume and rank == 0:
+    run = _setup(config, records, val_records, out_dir, device, training_info)
+    out, model = run.out, run.model
+    if resume and (out / CHECKPOINT).exists():
+        _resume(run, out / CHECKPOINT)
+    elif resume and run.rank == 0:
         print(f"no checkpoint in {out}; starting from epoch 0", file=sys.stderr)
-
-    info = {
-        "name": config["name"],
-        "config": dict(config),
-        "data": sorted({r.source for r in records}),
-        "train_cases": [r.case_id for r in records],
-        "val_cases": [r.case_id for r in val_records],
-        "seed": seed,
-        "device": str(dev),
-        "world_size": world,
-        **dict(training_info or {}),
-    }
-    loss_cfg = config["loss"]
-    aug_cfg = config["augmentation"]
-    amp_dtype = mixed_precision(dev, bool(config["amp"]))
-    amp = amp_dtype is not None
-    info["precision"] = str(amp_dtype).replace("torch.", "") if amp else "float32"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    n = len(train_data)
-    per_rank = max(1, n // world)
+    has_bsn = model.bsn is not None
+    epochs, batch_size = int(config["epochs"]), int(config["batch_size"])
+    n = len(run.train_data)
+    per_rank = max(1, n // run.world)
     steps_per_epoch = math.ceil(per_rank / batch_size)
-    show = progress and rank == 0
     from tqdm import tqdm
 
-    bar = tqdm(total=(epochs - start) * steps_per_epoch, disable=not show, unit="step", dynamic_ncols=True, desc=config["name"])
+    bar = tqdm(total=(epochs - run.start) * steps_per_epoch, disable=not (progress and run.rank == 0), unit="step",
+               dynamic_ncols=True, desc=config["name"])
     wrapped: Optional[torch.nn.Module] = None
     wrapped_phase = None
-    steps_done = 0
     step_times: list[float] = []
-    val_dice = history[-1].get("val_dice", math.nan) if history else math.nan
+    val_dice = run.history[-1].get("val_dice", math.nan) if run.history else math.nan
     model.train()
     stop = epochs if stop_after_epochs is None else min(epochs, stop_after_epochs)
-    for epoch in range(start, stop):
+    for epoch in range(run.start, stop):
         t0 = time.perf_counter()
         phase = phase_for_epoch(epoch, epochs, config["schedule"], has_bsn)
-        apply_phase(model, optimizer, phase, epoch, epochs, float(config["optimizer"]["poly_power"]),
+        apply_phase(model, run.optimizer, phase, epoch, epochs, float(config["optimizer"]["poly_power"]),
                     esnet_training_epochs(epochs, config["schedule"], has_bsn))
-        if ddp and phase != wrapped_phase:
+        if run.ddp and phase != wrapped_phase:
             # DDP records which parameters need gradients when it is built: rebuild it per phase.
             wrapped = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True
+                model, device_ids=[run.dev.index] if run.dev.type == "cuda" else None, find_unused_parameters=True
             )
             wrapped_phase = phase
-        net = wrapped if ddp else model
-        perm = torch.randperm(n, generator=order_gen)
-        perm = perm[: per_rank * world][rank::world] if n >= world else perm
+        net = wrapped if run.ddp else model
+        perm = torch.randperm(n, generator=run.order_gen)
+        perm = perm[: per_rank * run.world][run.rank::run.world] if n >= run.world else perm
         sums: dict[str, float] = {}
         for b in range(steps_per_epoch):
             ts = time.perf_counter()
-            idx = perm[b * batch_size : (b + 1) * batch_size].to(dev)
-            x, y, t = augment_batch(train_data.images[idx], train_data.labels[idx], train_data.trusted[idx], aug_cfg, aug_gen)
-            with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
-                # A BSN epoch's loss needs only the BSN's outputs: skip the decoder (about a third of a step).
-                out_dict = net(x, bsn_only=True) if phase == "bsn" else net(x)
-            loss, parts = training_loss(out_dict, y, t, phase, loss_cfg)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            clip = float(config["optimizer"]["grad_clip"] or 0)
-            if clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
-            scaler.step(optimizer)
-            scaler.update()
+            loss, parts = train_step(run, net, perm[b * batch_size : (b + 1) * batch_size].to(run.dev), phase)
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.update(1)
             bar.set_postfix(epoch=epoch, phase=phase, loss=f"{float(loss.detach()):.3f}", val_dice=f"{val_dice:.3f}")
-            steps_done += 1
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
+            if run.dev.type == "cuda":
+                torch.cuda.synchronize(run.dev)
             step_times.append(time.perf_counter() - ts)
-            if max_steps is not None and steps_done >= max_steps:
+            if max_steps is not None and len(step_times) >= max_steps:
                 bar.close()
-                return RunResult(out, epoch, history, step_seconds=step_times)
+                return RunResult(out, epoch, run.history, step_seconds=step_times)
         row: dict[str, Any] = {"epoch": epoch, "phase": phase, **{k: v / steps_per_epoch for k, v in sums.items()}}
         row["seconds"] = time.perf_counter() - t0
-        last = epoch == stop - 1
-        every = int(config["val_every"] or 0)
-        new_best = False
-        if val_data is not None and (last or (every and (epoch + 1) % every == 0)):
-            if rank == 0:
-                val_dice = canonical_dice(model, val_data, batch_size=max(batch_size, 4))
-                row["val_dice"] = val_dice
-                if val_dice > best:
-                    best, new_best = val_dice, True
-        history.append(row)
-        ckpt_every = max(1, int(config["checkpoint_every"]))
-        gens: list[torch.Tensor] = []
-        if last or (epoch + 1) % ckpt_every == 0:
-            gens = [aug_gen.get_state().cpu()]
-            if ddp:  # every rank's augmentation stream, so a resumed DDP run continues each of them
-                gathered: list[Any] = [None] * world
-                torch.distributed.all_gather_object(gathered, gens[0])
-                gens = gathered
-        if rank == 0:
-            if new_best:
-                export_weights(model, out / "best", config, records, {**info, "epoch": epoch}, {"val_dice_model_grid": best})
-            if gens:
-                _atomic_save(
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "epoch": epoch + 1,
-                        "history": history,
-                        "best": best if math.isfinite(best) else None,
-                        "order_gen": order_gen.get_state(),
-                        "aug_gen": gens,
-                        "config": dict(config),
-                    },
-                    ckpt_path,
-                )
-            (out / "history.json").write_text(json.dumps(json_ready(history), indent=1), encoding="utf-8")
-        if ddp:
-            torch.distributed.barrier()
+        _end_of_epoch(run, row, epoch, epoch == stop - 1, records)
+        val_dice = row.get("val_dice", val_dice)
     bar.close()
     if stop < epochs:
-        return RunResult(out, stop, history, step_seconds=step_times)
-    result = RunResult(out, epochs, history, best_val_dice=best if math.isfinite(best) else math.nan, step_seconds=step_times)
-    if rank == 0:
-        metrics = {"val_dice_model_grid": result.best_val_dice, "final_loss": history[-1].get("loss") if history else None}
-        result.final_weights = export_weights(model, out / "final", config, records, {**info, "epoch": epochs - 1}, metrics)
+        return RunResult(out, stop, run.history, step_seconds=step_times)
+    best = run.best if math.isfinite(run.best) else math.nan
+    result = RunResult(out, epochs, run.history, best_val_dice=best, step_seconds=step_times)
+    if run.rank == 0:
+        metrics = {"val_dice_model_grid": result.best_val_dice, "final_loss": run.history[-1].get("loss") if run.history else None}
+        result.final_weights = export_weights(model, out / "final", config, records, {**run.info, "epoch": epochs - 1}, metrics)
         if (out / "best.json").exists():
             result.best_weights = out / "best.json"
     return result

@@ -17,6 +17,9 @@ A run into ``DIR`` (see README, "What happens when things go wrong"):
   and re-raises :class:`~ParaspinalSegLib.errors.Interrupted`: an interrupt is never a bad row.
 
 The one-slice work (segmenting, the five files) lives in :mod:`slice_outputs`.
+
+One room (past 500 lines) on purpose: the run record, the lock, the per-row staging and the interrupt
+handling are one state machine whose invariants (combined files = rows recorded done) only hold together.
 """
 
 from __future__ import annotations

@@ -41,6 +41,10 @@ Asymmetry % = 100 · (left − right) / mean(left, right) (signed symmetric perc
 left larger). Side-to-side differences of multifidus and erector spinae CSA are what spine studies report
 (e.g. Niemeläinen, Briand, Battié, Spine 2011;36:2152; Fortin, Yuan, Battié, Phys Ther 2013;93:1540);
 some use (larger − smaller)/larger instead, which is derivable from the left/right values kept in each record.
+
+One room (past 500 lines) on purpose: CSA, the fat-threshold methods and asymmetry are one measurement
+procedure that a reader checks end to end when a number is questioned, and the methods share the region
+and histogram helpers they are defined by.
 """
 
 from __future__ import annotations

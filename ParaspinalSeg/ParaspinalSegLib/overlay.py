@@ -4,17 +4,14 @@ The slice is shown in radiological display (patient right on the viewer's left, 
 decided from the slice's IJK-to-RAS matrix through :mod:`preprocessing` like everything else, so the
 picture never depends on how the file stores its axes. Pixels are drawn square in millimetres.
 
-Needs numpy, scipy and scikit-image (contours; imported when a picture is drawn); text (legend, side letters) is drawn when Pillow is importable (it is in Slicer
-and in the development environment). Without Pillow the PNG is written by a small zlib encoder and the
-legend shows colour swatches only.
+Needs numpy, scipy, scikit-image (contours) and Pillow (text and the PNG encoder), imported when a
+picture is drawn; Slicer bundles Pillow and the package depends on it, so there is no fallback path.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import struct
-import zlib
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -190,7 +187,7 @@ def _load_font(size: int):
 
 
 def _add_legend(picture: np.ndarray, found: set[int], title: str, flagged: set[int] = frozenset()) -> np.ndarray:
-    """Append a legend panel on the right (names with Pillow, swatches only without) and side letters."""
+    """Append a legend panel on the right (swatches and names) and side letters."""
     h, w = picture.shape[:2]
     row_h = 20
     title_lines = [ln[:34] for ln in title.splitlines() if ln.strip()][:3]
@@ -203,10 +200,8 @@ def _add_legend(picture: np.ndarray, found: set[int], title: str, flagged: set[i
         y = y_first + i * row_h
         colour = _rgb255(st.color) if st.value in found else (_rgb255(st.color) * 0.35).astype(np.uint8)
         canvas[y + 3:y + 15, w + 10:w + 22] = colour
-    try:
-        from PIL import Image, ImageDraw
-    except ImportError:  # no text without Pillow; swatches still say which colour is which row
-        return canvas
+    from PIL import Image, ImageDraw
+
     pil = Image.fromarray(canvas)
     draw = ImageDraw.Draw(pil)
     font = _load_font(13)
@@ -231,41 +226,13 @@ def _add_legend(picture: np.ndarray, found: set[int], title: str, flagged: set[i
     return np.asarray(pil)
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+def write_png(rgb: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write an RGB (H, W, 3) or grey (H, W) uint8 array as PNG with Pillow (which Slicer and the package bring)."""
+    from PIL import Image
 
-
-def encode_png(rgb: np.ndarray) -> bytes:
-    """Encode an RGB (H, W, 3) or grey (H, W) uint8 array as PNG bytes with zlib only."""
-    a = np.ascontiguousarray(rgb, dtype=np.uint8)
-    if a.ndim == 2:
-        colour_type = 0
-    elif a.ndim == 3 and a.shape[2] == 3:
-        colour_type = 2
-    else:
-        raise ValueError(f"expected (H, W) or (H, W, 3) uint8, got {a.shape}")
-    h, w = a.shape[:2]
-    rows = a.reshape(h, -1)
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()  # filter type 0 per row
-    header = struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(raw, 6))
-            + _png_chunk(b"IEND", b""))
-
-
-def write_png(rgb: np.ndarray, path: str | os.PathLike, *, use_pillow: Optional[bool] = None) -> Path:
-    """Write an RGB uint8 array as PNG, with Pillow when available (``use_pillow=None``) else zlib."""
     out = Path(path)
-    if use_pillow is not False:
-        try:
-            from PIL import Image
-        except ImportError:
-            if use_pillow:
-                raise
-        else:
-            # Level 3: a quick-look picture; level 6 (default) took several times longer for ~10 % less size.
-            Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(out, format="PNG", compress_level=3)
-            return out
-    out.write_bytes(encode_png(rgb))
+    # Level 3: a quick-look picture; level 6 (default) took several times longer for ~10 % less size.
+    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(out, format="PNG", compress_level=3)
     return out
 
 

@@ -13,6 +13,10 @@ checksum *before* deserialising anything, and never executes code from either fi
 
 ``read_weights_config`` needs only the standard library (the Slicer module shows model information
 in a Python without torch); ``save_weights`` and ``load_weights`` import torch lazily.
+
+One room (past 500 lines) on purpose: the format, its writer and its loader change together (a field
+added to the config is written by ``save_weights`` and checked by ``read_weights_config``); the JSON's
+field-by-field checks live in :mod:`weights_schema`.
 """
 
 from __future__ import annotations

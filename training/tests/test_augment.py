@@ -59,3 +59,33 @@ def test_augment_batch_flip_only_and_spatial_keeps_label_values():
     assert set(a1[1].unique().tolist()) <= {0, 1, L_PSOAS, R_PSOAS, BY_KEY["erector_spinae_left"].value, R_ES, 255}
     assert not torch.equal(a1[0], img) and a1[0].shape == img.shape
     assert torch.isfinite(a1[0]).all()
+
+
+def test_each_transform_on_its_own():
+    from training import augment as A
+
+    g = torch.Generator().manual_seed(0)
+    cfg = dict(DEFAULTS["augmentation"])
+    x = torch.rand(3, 1, 16, 16) + 0.1
+    # Intensity steps with degenerate ranges are exact, so each step's own effect is visible.
+    assert torch.allclose(A.gamma(x, {**cfg, "gamma": [2.0, 2.0]}, g), x ** 2)
+    assert torch.equal(A.bias_field(x, {**cfg, "bias_field": 0.0}, g), x)
+    doubled = A.contrast(x, {**cfg, "contrast": [2.0, 2.0]}, g)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    assert torch.allclose(doubled - mean, 2 * (x - mean), atol=1e-6)
+    assert torch.equal(A.brightness(x, {**cfg, "brightness": 0.0}, g), x)
+    assert torch.equal(A.noise(x, {**cfg, "noise_std": 0.0}, g), x)
+    biased = A.bias_field(x, {**cfg, "bias_field": 0.3}, g)
+    assert (biased > 0).all() and not torch.equal(biased, x)
+    # Spatial: the identity parameters give the identity grid; no elastic offset when elastic_px is 0.
+    still = {**cfg, "rotation_deg": 0.0, "scale": [1.0, 1.0], "shear": 0.0, "shift": 0.0, "elastic_px": 0.0}
+    grid = A.affine_grid(2, 16, 16, still, g, x.device)
+    identity = torch.nn.functional.affine_grid(torch.eye(2, 3).expand(2, 2, 3), (2, 1, 16, 16), align_corners=False)
+    assert torch.allclose(grid, identity, atol=1e-6) and torch.equal(A.elastic(grid, still, g), grid)
+    img, lab, trusted = _batch()
+    moved = A.spatial((img, lab, trusted), {**still, "p_spatial": 1.0}, g)
+    assert torch.equal(moved[1], lab) and torch.allclose(moved[0], img, atol=1e-5)
+    assert A.spatial((img, lab, trusted), {**cfg, "p_spatial": 0.0}, g)[0] is img
+    flipped = A.left_right_flip((img, lab, trusted), {**cfg, "p_flip": 1.0}, g)
+    assert all(torch.equal(a, b) for a, b in zip(flipped, flip_left_right(img, lab, trusted)))
+    assert A.AUGMENTATIONS == (A.spatial, A.left_right_flip, A.intensity)

@@ -279,3 +279,20 @@ def test_the_fold_split_is_saved_once_and_sag_check_scores_exactly_the_held_out_
     assert sag_check.main(["--weights", str(tmp_path / "cv" / "fold_0" / "final.json"), "--data", str(data)]) == 0
     scored = json.loads(capsys.readouterr().out)
     assert scored["slices"] == len(res["folds"][0]) and scored["scope"] == "held-out fold 0 of 2"
+
+
+def test_resumed_fp16_run_keeps_the_loss_scaler(tmp_path, monkeypatch):
+    """Bug: the checkpoint lacked the mixed-precision scaler, so a resumed fp16 run restarted its loss scale
+    and growth counter. fp16 is forced on the CPU here (the trainer picks it on GPUs without bf16)."""
+    from training import train as trainer
+
+    monkeypatch.setattr(trainer, "mixed_precision", lambda dev, enabled: torch.float16 if enabled else None)
+    recs = _records(4)
+    cfg = tiny_config(epochs=3, amp=True)
+    train(cfg, recs, tmp_path / "full", progress=False)
+    train(cfg, recs, tmp_path / "part", progress=False, stop_after_epochs=2)
+    train(cfg, recs, tmp_path / "part", resume=True, progress=False)
+    full = torch.load(tmp_path / "full" / CHECKPOINT, weights_only=True)
+    part = torch.load(tmp_path / "part" / CHECKPOINT, weights_only=True)
+    assert full["scaler"] and full["scaler"] == part["scaler"]
+    assert all(torch.equal(full["model"][k], part["model"][k]) for k in full["model"])
