@@ -25,7 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "network": {"preset": "bsesnet"},
     # The model window: pixels of spacing_mm along the patient's axes, size × size; passed to
     # preprocessing.ModelInput (inference uses the same values).
-    "model_input": {"spacing_mm": 0.8, "size": 256},
+    "model_input": {"spacing_mm": 0.8, "size": 256, "window": "spine"},
     # Intensity normalisation recorded with the weights (preprocessing.NormalisationConfig).
     "normalisation": {"method": "percentile", "low": 0.5, "high": 99.5},
     # Dixon sources (a *_fat image next to the water image): also train on the in-phase image water + fat,

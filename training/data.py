@@ -32,6 +32,7 @@ import numpy as np
 from ParaspinalSegLib.anatomy import BY_KEY, NOT_ANNOTATED, NUM_CLASSES, STRUCTURES
 from ParaspinalSegLib.preprocessing import (
     ModelInput,
+    WINDOW_SPINE,
     NormalisationConfig,
     ResampleGrid,
     anatomy_centre_ras,
@@ -270,7 +271,8 @@ def prepare_records(
     grids = []
     for i, r in enumerate(records):
         # Only the structures the slice trusts place the window (an untrusted value never comes here).
-        centre = anatomy_centre_ras(r.labels, r.slice_ijk_to_ras, r.trusted_structures)
+        centre = (anatomy_centre_ras(r.labels, r.slice_ijk_to_ras, r.trusted_structures)
+                  if mi.window == WINDOW_SPINE else None)
         prepared = prepare_slice(r.image, r.slice_ijk_to_ras, mi, norm, centre_ras=centre)
         images[i, 0] = prepared.image
         # Same grid, nearest neighbour: a label lands where its pixel lands in the image. Outside the

@@ -114,6 +114,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--data", required=True, help="a ../shared/data-style folder (manifest.csv + NIfTI pairs)")
     parser.add_argument("--cases", type=int, default=6, help="number of slices, evenly spread over the manifest")
     parser.add_argument("--no-mirror-tta", action="store_true")
+    parser.add_argument("--window", choices=("spine", "field_of_view"),
+                        help="lay the model window this way instead of as the weights say")
     args = parser.parse_args(argv)
 
     import csv
@@ -124,7 +126,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .preprocessing import slice_geometry_from_nifti_affine
     from .segmenter import SliceSegmenter
 
-    seg = SliceSegmenter(args.weights, mirror_tta=not args.no_mirror_tta)
+    seg = SliceSegmenter(args.weights, mirror_tta=not args.no_mirror_tta, window=args.window)
     folder = Path(args.data)
     rows = list(csv.DictReader(open(folder / "manifest.csv", newline="", encoding="utf-8")))
     step = max(1, len(rows) // max(1, args.cases))

@@ -63,6 +63,8 @@ __all__ = [
     "patient_axes",
     "anatomy_centre_ras",
     "place_window",
+    "WINDOW_SPINE",
+    "WINDOW_FIELD_OF_VIEW",
     "RECENTRE_TOLERANCE_MM",
     "EDGE_MARGIN_MM",
     "MAX_RECENTRES",
@@ -271,23 +273,39 @@ def canonical_ijk_to_ras(
 # Model input and intensity normalisation (both recorded in the weights' JSON)
 # --------------------------------------------------------------------------------------------------
 
+#: The model window: ``size`` px of exactly ``spacing_mm`` along the patient's axes, placed on the spine by a
+#: first look (one physical scale whatever the field of view).
+WINDOW_SPINE = "spine"
+#: The window of models trained before the spine window: the whole field of view, at
+#: ``max(spacing_mm, field of view / size)``, centred on it (the scale follows the field of view).
+WINDOW_FIELD_OF_VIEW = "field_of_view"
+WINDOWS = (WINDOW_SPINE, WINDOW_FIELD_OF_VIEW)
+
+
 @dataclass(frozen=True)
 class ModelInput:
-    """The model's input grid: isotropic pixel spacing (mm) and square size (pixels)."""
+    """The model's input grid: isotropic pixel spacing (mm), square size (pixels) and how the window is
+    laid on a slice (:data:`WINDOW_SPINE` or :data:`WINDOW_FIELD_OF_VIEW`)."""
 
     spacing_mm: float = 0.8
     size: int = 256
+    window: str = WINDOW_SPINE
 
     def __post_init__(self) -> None:
         if not (self.spacing_mm > 0) or int(self.size) != self.size or self.size < 1:
             raise ValueError(f"invalid model input: spacing_mm={self.spacing_mm}, size={self.size}")
+        if self.window not in WINDOWS:
+            raise ValueError(f"invalid model input: window must be one of {WINDOWS}, got {self.window!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"spacing_mm": float(self.spacing_mm), "size": int(self.size)}
+        return {"spacing_mm": float(self.spacing_mm), "size": int(self.size), "window": self.window}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelInput":
-        return cls(spacing_mm=float(d["spacing_mm"]), size=int(d["size"]))
+        # A weights file without "window" predates the key: it was trained on the field-of-view window, and
+        # a model must see what it was trained on (a field-of-view model on the spine window loses most of a
+        # Dixon slice's muscles, measured in MODEL.md). This is the one default of the key, on purpose.
+        return cls(spacing_mm=float(d["spacing_mm"]), size=int(d["size"]), window=str(d.get("window", WINDOW_FIELD_OF_VIEW)))
 
 
 @dataclass(frozen=True)
@@ -600,6 +618,13 @@ def resample_grid(
     orientation = canonical_orientation(m, max_obliquity_deg)
     rows, cols, _ = patient_axes(m)
     s, size = float(mi.spacing_mm), int(mi.size)
+    field_of_view = mi.window == WINDOW_FIELD_OF_VIEW
+    if field_of_view:
+        # The whole field of view fits: its extent along the patient's axes (edge to edge) sets the scale.
+        extent = max(sum(abs(float(axis @ m[:3, i])) * shape[i] for i in range(2)) for axis in (rows, cols))
+        if extent / size > s * (1.0 + 1e-9):
+            s = extent / size
+        centre_ras = None
     to_pixels = np.linalg.pinv(m[:3, :2])  # RAS offset in the plane → input pixel steps
     linear = to_pixels @ np.stack([rows * s, cols * s], axis=1)
     if _is_integral(linear, 1e-9):
@@ -618,8 +643,9 @@ def resample_grid(
     # a slice mirrored about a lattice plane gets the mirrored window.
     step = s * WINDOW_LATTICE
     c = m[:3, 3] + m[:3, :2] @ centre
-    a, b = float(rows @ c), float(cols @ c)
-    c = c + (round(a / step) * step - a) * rows + (round(b / step) * step - b) * cols
+    if not field_of_view:  # a field-of-view window stays centred on the field of view (it must contain it)
+        a, b = float(rows @ c), float(cols @ c)
+        c = c + (round(a / step) * step - a) * rows + (round(b / step) * step - b) * cols
     offset = to_pixels @ (c - m[:3, 3]) - linear @ np.array([h, h])
     if _is_integral(linear, 0.0) and bool(np.all(np.abs(linear).sum(axis=0) == 1)):
         # Axes agree up to flips and the spacings are equal: model pixels on input pixel centres, so

@@ -17,6 +17,7 @@ module is cheap and works in a Slicer without PyTorch.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from .preprocessing import (
     from_canonical,
     normalise_intensity,
     place_window,
+    WINDOW_SPINE,
     resample_grid,
     slice_geometry_from_volume,
     to_canonical,
@@ -137,9 +139,13 @@ class SliceSegmenter:
         device: Any = "cpu",
         keep_largest: bool = True,
         mirror_tta: bool = True,
+        window: Optional[str] = None,
     ) -> None:
+        """``window``: lay the model window as the weights say (None) or force ``"spine"`` /
+        ``"field_of_view"`` (for measurements of the pipeline itself; a model is only right on the window
+        it was trained on)."""
         model, config = load_weights(weights, device=device)
-        self._init(model, config, keep_largest, mirror_tta)
+        self._init(model, config, keep_largest, mirror_tta, window)
 
     @classmethod
     def from_model(cls, model: Any, config: WeightsConfig, keep_largest: bool = True, mirror_tta: bool = True) -> "SliceSegmenter":
@@ -149,7 +155,8 @@ class SliceSegmenter:
         self._init(model, config, keep_largest, mirror_tta)
         return self
 
-    def _init(self, model: Any, config: WeightsConfig, keep_largest: bool, mirror_tta: bool) -> None:
+    def _init(self, model: Any, config: WeightsConfig, keep_largest: bool, mirror_tta: bool,
+              window: Optional[str] = None) -> None:
         torch = import_torch()
         self.model = model
         self.config = config
@@ -157,6 +164,8 @@ class SliceSegmenter:
         self.mirror_tta = bool(mirror_tta)
         self.device = next(model.parameters()).device
         self.model_input = ModelInput.from_dict(config.model_input)
+        if window is not None:
+            self.model_input = dataclasses.replace(self.model_input, window=window)
         self.normalisation = NormalisationConfig.from_dict(config.normalisation)
         self.structures_learned = [v for v in config.structures_learned if v in BY_VALUE]
         num_classes = int(getattr(getattr(model, "config", None), "num_classes", NUM_CLASSES))
@@ -238,8 +247,8 @@ class SliceSegmenter:
             for n, job in enumerate(active):
                 job.network_s += share
                 job.probs, job.det = probs[n], None if det is None else det[n]
-                if job.placements > MAX_RECENTRES:
-                    continue
+                if job.placements > MAX_RECENTRES or self.model_input.window != WINDOW_SPINE:
+                    continue  # a field-of-view window already holds the whole slice: nothing to place
                 tp = time.perf_counter()
                 centre = place_window(self._channel_values[job.probs.argmax(axis=0)], job.grid)
                 if centre is not None:

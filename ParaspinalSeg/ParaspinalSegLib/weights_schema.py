@@ -42,6 +42,7 @@ ARCHITECTURE_FIELDS: dict[str, tuple[type, Optional[float], Optional[float]]] = 
 MODEL_INPUT_FIELDS: dict[str, tuple[type, Optional[float], Optional[float]]] = {
     "spacing_mm": (float, 0.05, 10.0),
     "size": (int, 16, 1024),
+    "window": (str, None, None),
 }
 NORMALISATION_FIELDS: dict[str, tuple[type, Optional[float], Optional[float]]] = {
     "method": (str, None, None),
@@ -221,6 +222,9 @@ def check_config(raw: Any, *, known_architecture: Optional[set[str]] = None) -> 
             f"{arch.get('base_width', 16)}, depth {arch.get('depth', 5)}); at most {MAX_PARAMETERS / 1e6:.0f} M are loaded"
         )
     _check_object("model_input", raw.get("model_input"), MODEL_INPUT_FIELDS, ("spacing_mm", "size"))
+    window = raw["model_input"].get("window", "field_of_view")
+    if window not in ("spine", "field_of_view"):
+        raise ConfigProblem(f"model_input.window must be \"spine\" or \"field_of_view\", got {_show(window)}")
     size, depth = raw["model_input"]["size"], int(arch.get("depth", 5))
     if size % 2 ** (depth - 1):
         raise ConfigProblem(f"model_input.size {size} is not a multiple of {2 ** (depth - 1)} (2**(depth-1) for depth {depth})")

@@ -543,3 +543,31 @@ def test_resampling_onto_the_model_grid_warns_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         grid.to_model(np.random.default_rng(0).random(shape, dtype=np.float32), order=1)
+
+
+def test_window_is_recorded_and_weights_without_it_keep_the_field_of_view_window():
+    from ParaspinalSegLib.preprocessing import WINDOW_FIELD_OF_VIEW, WINDOW_SPINE
+
+    assert ModelInput().window == WINDOW_SPINE  # what the trainer writes from now on
+    assert ModelInput.from_dict(ModelInput().to_dict()) == ModelInput()
+    # A weights file written before the key existed was trained on the field-of-view window.
+    assert ModelInput.from_dict({"spacing_mm": 0.8, "size": 256}).window == WINDOW_FIELD_OF_VIEW
+    with pytest.raises(ValueError, match="window must be one of"):
+        ModelInput(window="whole")
+
+
+@pytest.mark.parametrize("shape, spacing", [((400, 400), 1.0185), ((237, 256), 0.8), ((512, 512), 0.37)])
+def test_field_of_view_window_holds_the_whole_slice_centred(shape, spacing):
+    m = np.array([[0.0, -spacing, 0.0, 10.0], [-spacing, 0.0, 0.0, 20.0], [0.0, 0.0, 4.0, 0.0], [0, 0, 0, 1.0]])
+    mi = ModelInput(spacing_mm=0.8, size=256, window="field_of_view")
+    grid = resample_grid(shape, m, mi)
+    fov = max(shape) * spacing
+    assert grid.spacing_mm == pytest.approx(max(0.8, fov / 256))
+    # Every input pixel centre lies inside the window, and the window is centred on the field of view.
+    u, v = grid.input_to_model(np.array([0, shape[0] - 1]), np.array([0, shape[1] - 1]))
+    assert np.all((u >= -0.5) & (u <= 255.5)) and np.all((v >= -0.5) & (v <= 255.5))
+    centre = (m @ np.array([(shape[0] - 1) / 2, (shape[1] - 1) / 2, 0.0, 1.0]))[:3]
+    # (within half a model pixel: at the model's own spacing the window snaps onto the input's pixel centres)
+    np.testing.assert_allclose(grid.centre_ras, centre, atol=grid.spacing_mm / 2 + 1e-9)
+    # The spine window of the same slice keeps its one scale whatever the field of view.
+    assert resample_grid(shape, m, ModelInput(spacing_mm=0.8, size=256)).spacing_mm == 0.8

@@ -86,7 +86,7 @@ def test_config_json_records_everything_and_the_checksum(saved):
     d = json.loads(path.read_text())
     assert d["format"] == FORMAT_NAME and d["format_version"] == 1
     assert d["architecture"] == model.config.to_dict()
-    assert d["model_input"] == {"spacing_mm": 3.0, "size": 32}
+    assert d["model_input"] == {"spacing_mm": 3.0, "size": 32, "window": "spine"}
     assert d["normalisation"] == NormalisationConfig().to_dict()
     assert d["label_table_version"] == LABEL_TABLE_VERSION
     assert d["structures_learned"] == [1, 4, 5, 6, 7, 8, 9]
@@ -352,3 +352,17 @@ def test_summary_shows_a_single_flat_cross_validation(tmp_path):
     assert "cross-validation (5-fold, 135 slices): mean Dice 90.1 %" in read_weights_config(path).summary()
     plain = save_weights(small_model(), tmp_path / "plain", structures_learned=[1, 6])
     assert "cross-validation" not in read_weights_config(plain).summary()
+
+
+def test_weights_window_is_validated(tmp_path, save_tiny_weights):
+    import json
+
+    from ParaspinalSegLib.weights import WeightsError, load_weights
+
+    path = save_tiny_weights(tmp_path / "w")
+    raw = json.loads(path.read_text())
+    assert raw["model_input"]["window"] == "spine"
+    raw["model_input"]["window"] = "whole body"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(WeightsError, match="model_input.window"):
+        load_weights(path)
