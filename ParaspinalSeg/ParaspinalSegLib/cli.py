@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Segment paraspinal muscles and spine on an axial lumbar MRI slice (BS-ESNet) and "
         "measure cross-sectional area and fat %. Outputs open in 3D Slicer.",
+        epilog="exit status: " + "; ".join(f"{code} {what}" for code, what in EXIT_CODES.items()),
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

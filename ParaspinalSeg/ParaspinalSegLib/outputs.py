@@ -27,6 +27,7 @@ import errno
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
@@ -173,7 +174,8 @@ class StagedOutputs:
         try:
             with deferred():
                 self._make_target()
-                self.staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.target))
+                remove_stale_staging(self.target, only_dead=True)
+                self.staging = Path(tempfile.mkdtemp(prefix=_own_prefix(STAGING_PREFIX), dir=self.target))
         except BaseException:  # an interrupt held back above is raised here, where __exit__ will not run
             with deferred():
                 self.discard()
@@ -303,7 +305,7 @@ def check_no_existing(paths: Sequence[Path]) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Replace ``path`` with ``text`` (UTF-8) atomically: readers see the old file or the new, never half."""
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_own_prefix(_TMP_PREFIX), dir=target.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the usual permissions
         with deferred():
@@ -325,16 +327,46 @@ def _umask() -> int:
     return mask
 
 
-def remove_stale_staging(folder: str | os.PathLike) -> list[Path]:
-    """Remove staging folders and temporary files a killed run left in ``folder`` (call with its lock held)."""
+def _own_prefix(prefix: str) -> str:
+    """``prefix`` + this process's id and host: a later run can tell whether the writer still lives."""
+    return f"{prefix}{os.getpid()}@{_host()}-"
+
+
+def _host() -> str:
+    return "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or "host"
+
+
+def _writer_alive(name: str, prefix: str) -> bool:
+    """Whether the process named in a staging/temporary entry's name still runs (unknown → alive)."""
+    pid_text, _, rest = name[len(prefix):].partition("@")
+    host = rest.rsplit("-", 1)[0]
+    if not pid_text.isdigit() or host != _host():
+        return True
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_staging(folder: str | os.PathLike, *, only_dead: bool = False) -> list[Path]:
+    """Remove staging folders and temporary files a killed run left in ``folder``.
+
+    With the folder's lock held (a batch) everything of the kind goes; ``only_dead`` (no lock: ``segment``,
+    ``measure``) removes only entries whose writer, named in the entry, no longer runs on this host.
+    """
     removed = []
     with contextlib.suppress(OSError):
         for p in Path(folder).iterdir():
-            if p.name.startswith((STAGING_PREFIX, _TMP_PREFIX)):
-                if p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    with contextlib.suppress(OSError):
-                        p.unlink()
-                removed.append(p)
+            prefix = next((x for x in (STAGING_PREFIX, _TMP_PREFIX) if p.name.startswith(x)), None)
+            if prefix is None or (only_dead and _writer_alive(p.name, prefix)):
+                continue
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            removed.append(p)
     return removed

@@ -255,3 +255,20 @@ def test_interrupted_segment_writes_nothing(tmp_path, volume, weights):
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == ["paraspinalseg: interrupted by SIGINT; nothing new was written"]
     assert not out.exists() and os.listdir(tmpdir) == []
+
+
+def test_staging_left_by_a_killed_writer_is_removed_by_the_next_one(capsys, tmp_path, volume, weights):
+    from ParaspinalSegLib.outputs import _own_prefix
+
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = out / _own_prefix(outputs.STAGING_PREFIX).replace(f"{os.getpid()}@", f"{dead.pid}@")
+    (stale.parent / (stale.name + "abc")).mkdir()
+    alive = out / (_own_prefix(outputs.STAGING_PREFIX) + "xyz")  # this process: still running, kept
+    alive.mkdir()
+    code, err = segment(capsys, volume, out, weights)
+    assert code == 0, err
+    assert set(os.listdir(out)) == NAMES | {alive.name}
+    alive.rmdir()
