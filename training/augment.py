@@ -2,9 +2,9 @@
 
 The window already shows every slice in the patient's axes at one spacing, centred on the labelled structures
 (``data.prepare_records``), so the spatial transforms act in patient space: the rotation stands for a patient
-lying or a spine turning a little (±12°), the scale for body size (0.85–1.15), the shift (±0.1 of the window,
-10 mm at 0.8 mm × 256) for where inference's first look places the window (within 10 mm of the structures'
-centre, ``preprocessing.RECENTRE_TOLERANCE_MM``).
+lying or a spine turning a little (±12°), the scale for body size (0.85–1.15), the shift (±0.2 of the half-window,
+20.5 mm at 0.8 mm × 256, on top of the lattice's ±6.4 mm) for where inference's first look leaves the window
+(within 25 mm of the structures' centre, ``preprocessing.RECENTRE_TOLERANCE_MM``).
 
 Spatial (one resampling per sample): small rotation, isotropic scaling with a little anisotropy, shear,
 shift and a smooth elastic displacement (random offsets on a 4×4 grid, bicubically upsampled); images are

@@ -68,7 +68,8 @@ DEFAULTS: dict[str, Any] = {
         "p_spatial": 0.8,
         "rotation_deg": 12.0,
         "scale": [0.85, 1.15],
-        "shift": 0.05,
+        # ±2·shift of the half-window: 0.1 → ±20.5 mm, the first look's placement tolerance (preprocessing).
+        "shift": 0.1,
         "shear": 0.05,
         "elastic_px": 3.0,
         "p_flip": 0.5,

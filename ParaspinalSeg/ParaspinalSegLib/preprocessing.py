@@ -370,11 +370,14 @@ def normalise_intensity(a: np.ndarray, low_pct: float = 0.5, high_pct: float = 9
 # --------------------------------------------------------------------------------------------------
 
 #: The window is moved when the structures the network found are off its centre by more than this
-#: (mm, along either patient axis). Training crops are centred on the labelled structures and shifted
-#: by up to ±0.1 of the half-window (``augmentation.shift`` 0.05 → ±10 mm at 0.8 mm × 256), so a window
-#: within this distance shows the network what training showed it.
-RECENTRE_TOLERANCE_MM = 10.0
-#: ... or when they come closer than this to its edge (they may continue outside the window).
+#: (mm, along either patient axis). Training windows are centred on the labelled structures, snapped to
+#: the lattice (±6.4 mm) and shifted by up to ±0.2 of the half-window (``augmentation.shift`` 0.1 →
+#: ±20.5 mm at 0.8 mm × 256): up to ±26.9 mm, so a window within this distance shows the network what
+#: training showed it. (With 10 mm, two thirds of the sy dev slices, whose anatomy lies ~20 mm behind the
+#: field of view's centre, needed a second placement: twice the network time for nothing.)
+RECENTRE_TOLERANCE_MM = 25.0
+#: ... or when they come closer than this to an edge beyond which the slice goes on (they may continue
+#: there; at an edge of the slice's own field of view there is nothing more to see).
 EDGE_MARGIN_MM = 8.0
 #: At most this many extra network passes to place the window.
 MAX_RECENTRES = 2
@@ -689,8 +692,9 @@ def place_window(labels_on_model: np.ndarray, grid: ResampleGrid,
 
     ``labels_on_model``: the network's labels on ``grid``'s model pixels. The window is kept when the
     structures' centre (:func:`anatomy_centre_ras`) is within ``tolerance_mm`` of the window's centre
-    along both patient axes and no structure comes closer than ``margin_mm`` to the window's edge;
-    otherwise the RAS point to centre it on is returned. Nothing found: kept (nothing to centre on).
+    along both patient axes and no structure comes closer than ``margin_mm`` to a window edge beyond
+    which the slice has pixels; otherwise the RAS point to centre it on is returned. Nothing found:
+    kept (nothing to centre on).
     """
     lab = np.asarray(labels_on_model)
     mask = (lab >= 1) & (lab <= 9)
@@ -700,8 +704,18 @@ def place_window(labels_on_model: np.ndarray, grid: ResampleGrid,
     s, n = grid.spacing_mm, grid.size
     h = (n - 1) / 2.0
     off_r, off_c = (0.5 * (r[0] + r[-1]) - h) * s, (0.5 * (c[0] + c[-1]) - h) * s
-    margin = min(r[0], c[0], n - 1 - r[-1], n - 1 - c[-1]) * s
-    if max(abs(off_r), abs(off_c)) <= tolerance_mm and margin >= margin_mm:
+    # Does the slice go on beyond each window edge, next to the structures? (model pixels one step outside)
+    (n0, n1), k = grid.input_shape, np.arange(n)
+
+    def beyond(u: Any, v: Any) -> bool:
+        p, q = grid.model_to_input(u, v)
+        return bool(np.any((p >= -0.5) & (p <= n0 - 0.5) & (q >= -0.5) & (q <= n1 - 0.5)))
+
+    rows, cols = k[r[0]:r[-1] + 1], k[c[0]:c[-1] + 1]
+    gaps = [(r[0], beyond(-1, cols)), (n - 1 - r[-1], beyond(n, cols)),
+            (c[0], beyond(rows, -1)), (n - 1 - c[-1], beyond(rows, n))]
+    crowded = any(g * s < margin_mm and more for g, more in gaps)
+    if max(abs(off_r), abs(off_c)) <= tolerance_mm and not crowded:
         return None
     return anatomy_centre_ras(lab, grid.model_ijk_to_ras())
 

@@ -483,28 +483,26 @@ def test_anatomy_centre_and_window_placement():
         c = anatomy_centre_ras(lab, m)
         assert np.allclose(c[:2], [20.0, -10.0], atol=0.8)
         assert anatomy_centre_ras(np.zeros(shape, np.uint8), m) is None
-    # On the model grid: a centred structure keeps the window; 20 mm off centre or at the edge moves it.
-    grid = resample_grid(shape, np.diag([-0.8, -0.8, 1.0, 1.0]) @ _shift(-102.0, -102.0), mi)
-    r, c = grid.model_to_input(np.arange(256)[:, None], np.arange(256)[None, :])
-    assert grid.is_identity or grid.is_exact
+    # On the model grid: a centred structure keeps the window; 32 mm off centre, or at an edge beyond which the
+    # slice goes on, moves it; at the edge of the slice's own field of view there is nothing more to see.
+    big = (320, 320)
+    grid = resample_grid(big, centred_slice_matrix([0, -0.8, 0], [-0.8, 0, 0], big), mi)
+    assert grid.is_exact
     lab = np.zeros((256, 256), np.uint8)
     lab[100:156, 90:166] = 1
     assert place_window(lab, grid) is None
-    lab2 = np.roll(lab, 25, axis=1)  # 20 mm towards patient left
+    assert place_window(np.roll(lab, 25, axis=1), grid) is None  # 20 mm: within the tolerance
+    lab2 = np.roll(lab, 40, axis=1)  # 32 mm towards patient left
     moved = place_window(lab2, grid)
-    assert moved is not None and np.isclose(moved[0] - grid.centre_ras[0], -20.0, atol=0.8)
+    assert moved is not None and np.isclose(moved[0] - grid.centre_ras[0], -32.0, atol=0.8)
     edge = np.zeros_like(lab)
     edge[120:130, 2:250] = 8  # centred but touching the window's edge: may continue outside
     assert place_window(edge, grid) is not None
+    small = resample_grid((240, 240), centred_slice_matrix([0, -0.8, 0], [-0.8, 0, 0], (240, 240)), mi)
+    assert place_window(edge, small) is None  # the window reaches past the slice: nothing beyond
     assert place_window(np.zeros_like(lab), grid) is None
     rows, cols, n = patient_axes(_rotated_matrix(25.0, 0.8, shape))
     assert np.allclose(rows, [0, -1, 0]) and np.allclose(cols, [-1, 0, 0]) and np.allclose(n, [0, 0, 1])
-
-
-def _shift(x: float, y: float) -> np.ndarray:
-    t = np.eye(4)
-    t[0, 3], t[1, 3] = x / -0.8, y / -0.8
-    return t
 
 
 def test_downsampling_is_antialiased():
