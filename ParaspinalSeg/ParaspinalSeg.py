@@ -548,6 +548,9 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from ParaspinalSegLib.panel_state import Task
 
         node = self._parameterNode
+        # Measuring needs scikit-image (fat threshold, components) like segmenting: the same one confirmation.
+        if self._state.busy or not self._ensureDependencies():
+            return
         run = self._state.start(Task.UPDATE_MEASUREMENTS, _("Updating the measurements…"),
                                 failed=_("The measurements were not updated."))
         if run is None:
