@@ -275,6 +275,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
+    from .outputs import COMMITTED
+
+    COMMITTED.clear()  # one command's outputs (tests call main() again in one process)
     try:
         with interrupts.deferred():  # start-up: imports only
             parser = build_parser()
@@ -286,7 +289,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         interrupts.raise_pending()
         return status
     except Interrupted as exc:
-        detail = getattr(exc, "detail", "") or "nothing new was written"
+        detail = getattr(exc, "detail", "") or _written_so_far()
         _say(f"interrupted by {exc.signal_name}" + (f"; {detail}" if detail else ""))
         return exc.exit_code
     except KeyboardInterrupt:
@@ -309,6 +312,16 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             raise
         _say(f"internal error: {type(exc).__name__}: {_one_line(exc)} (set PARASPINALSEG_DEBUG=1 for the traceback)")
         return EXIT_INTERNAL_ERROR
+
+
+def _written_so_far() -> str:
+    """What an interrupted command leaves: nothing, or outputs it had already completed and moved in."""
+    from .outputs import COMMITTED
+
+    if not COMMITTED:
+        return "nothing new was written"
+    folders = sorted({str(p.parent) for p in COMMITTED})
+    return f"{len(COMMITTED)} outputs were complete by then and are in {', '.join(folders)}"
 
 
 def _say(line: str) -> None:

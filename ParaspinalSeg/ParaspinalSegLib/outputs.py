@@ -32,8 +32,11 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import InputError, Interrupted, OutputExistsError
+from .errors import InputError, OutputExistsError
 from .interrupts import deferred, raise_pending
+
+#: Everything this process has moved into place (what an interrupt message may say was written).
+COMMITTED: list[Path] = []
 
 STAGING_PREFIX = ".paraspinalseg-staging-"
 _TMP_PREFIX = ".paraspinalseg-tmp-"
@@ -225,12 +228,7 @@ class StagedOutputs:
         assert self.staging is not None, "commit() outside the with-block"
         names = self.entries()
         raise_pending()  # a signal held back while the outputs were written (imports) drops them here
-        try:
-            self._commit(names)
-        except Interrupted as exc:  # held back until every entry had moved in: say so
-            if self.committed and not getattr(exc, "detail", ""):
-                exc.detail = f"the outputs were complete by then and are in {self.target}"
-            raise
+        self._commit(names)  # an interrupt held back meanwhile is raised after the last move (COMMITTED says so)
         return self.committed
 
     def _commit(self, names: list[str]) -> None:
@@ -268,6 +266,7 @@ class StagedOutputs:
                 self._undo(placed)
                 raise
             self.committed = [p for p, _ in placed]
+            COMMITTED.extend(self.committed)
 
     def _undo(self, placed: list[tuple[Path, Optional[Path]]]) -> None:
         assert self.staging is not None
