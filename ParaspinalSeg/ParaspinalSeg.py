@@ -13,6 +13,7 @@ One room (past 500 lines) because Slicer's scripted-module loader takes the modu
 self-test classes from this one file; it holds no algorithm (checked by test_module_static.py).
 """
 
+import contextlib
 import importlib
 import logging
 import math
@@ -80,6 +81,22 @@ LIBRARY_MODULES = (
 # ParaspinalSeg
 #
 
+
+
+@contextlib.contextmanager
+def _errorDisplay(message: str, waitCursor: bool = False):
+    """``slicer.util.tryWithErrorDisplay``, except that Cancel shows no error dialog: it is the user's own
+    choice, and the panel's run (outside this block) turns it into the status line."""
+    from ParaspinalSegLib.panel_state import Cancelled
+
+    cancelled = None
+    with slicer.util.tryWithErrorDisplay(message, waitCursor=waitCursor):
+        try:
+            yield
+        except Cancelled as exc:
+            cancelled = exc
+    if cancelled is not None:
+        raise cancelled
 
 class ParaspinalSeg(ScriptedLoadableModule):
     """Uses ScriptedLoadableModule base class, available at:
@@ -478,7 +495,7 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         run = self._state.start(Task.ALIGN_VIEW, _("Aligning the Red view…"), failed=_("The Red view was not aligned."))
         if run is None:
             return
-        with run, slicer.util.tryWithErrorDisplay(_("Failed to align the Red view."), waitCursor=True):
+        with run, _errorDisplay(_("Failed to align the Red view."), waitCursor=True):
             self.logic.alignRedView(self._parameterNode.inputVolume)
             run.succeed("")
 
@@ -493,7 +510,7 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         run = self._state.start(Task.SEGMENT_SLICE, _("Segmenting…"), failed=_("Segmentation failed; nothing was written."))
         if run is None:
             return
-        with run, slicer.util.tryWithErrorDisplay(_("Failed to segment the slice."), waitCursor=True):
+        with run, _errorDisplay(_("Failed to segment the slice."), waitCursor=True):
             k = self._currentSliceIndex()
             run.step(_("Segmenting slice {k}…").format(k=k))
             slicer.app.processEvents()  # show the status before the blocking run (clicks meanwhile are refused)
@@ -520,7 +537,7 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             cancelled=_("Cancelled after {done} of {total} slices; the finished slices are kept."))
         if run is None:
             return
-        with run, slicer.util.tryWithErrorDisplay(_("Failed to segment the slices."), waitCursor=False):
+        with run, _errorDisplay(_("Failed to segment the slices."), waitCursor=False):
             volumeNode = node.inputVolume
             slices = self.logic.parseSlices(self.ui.sliceRangeLineEdit.text, volumeNode)
             shown = []
@@ -555,7 +572,7 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                 failed=_("The measurements were not updated."))
         if run is None:
             return
-        with run, slicer.util.tryWithErrorDisplay(_("Failed to update the measurements."), waitCursor=True):
+        with run, _errorDisplay(_("Failed to update the measurements."), waitCursor=True):
             k = self._currentSliceIndex(requireAligned=False)
             # "(not recorded)" keeps the level recorded when the slice was segmented.
             tableNode = self.logic.updateMeasurements(
@@ -574,7 +591,7 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         run = self._state.start(Task.EXPORT_CSV, _("Exporting the table…"), failed=_("The table was not exported."))
         if run is None:
             return
-        with run, slicer.util.tryWithErrorDisplay(_("Failed to export the table."), waitCursor=False):
+        with run, _errorDisplay(_("Failed to export the table."), waitCursor=False):
             tableNode = self.logic.measurementTable()
             if tableNode is None or tableNode.GetNumberOfRows() == 0:
                 raise ValueError(_("There are no measurements yet: segment a slice first."))
@@ -638,7 +655,7 @@ class ParaspinalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             cancelled=_("Installation cancelled after {done} of {total} steps; nothing was segmented."))
         if run is None:
             return False
-        with run, slicer.util.tryWithErrorDisplay(_("Failed to install the Python packages ParaspinalSeg needs."),
+        with run, _errorDisplay(_("Failed to install the Python packages ParaspinalSeg needs."),
                                                   waitCursor=True):
             run_steps(run, self.logic.installSteps(missing), lambda step: step[1](),
                       lambda step, n, total: _("Installing: {what} (step {n} of {total})…").format(

@@ -21,6 +21,7 @@ extension's import used to crash the process).
 from __future__ import annotations
 
 import argparse
+import typing
 import os
 import sys
 from typing import Any, Optional, Sequence
@@ -67,7 +68,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="weights file (.json or .safetensors) written by the trainer; default: the shipped model")
     p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"),
                    help="where the network runs (default: auto = CUDA when available, else CPU)")
-    p.add_argument("--threshold-method", default="auto", type=_threshold_method, metavar="auto|otsu|VALUE",
+    p.add_argument("--threshold-method", default="auto", type=_threshold_method, metavar="auto|otsu|otsu-region|VALUE",
                    help="fat threshold: auto (Gaussian mixture around the paraspinal muscles, default), otsu "
                    "(per muscle), otsu-region, or a number in image intensity units")
     p.add_argument("--threads", type=int, default=None, metavar="N",
@@ -83,16 +84,24 @@ def _add_dixon_options(p: argparse.ArgumentParser, note: str = "") -> None:
     add_arguments(p, note)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """An argument error is one line naming the command and where its help is (not argparse's usage block),
+    like every other error of the command; exit status 2 as documented."""
+
+    def error(self, message: str) -> "typing.NoReturn":  # type: ignore[name-defined]
+        self.exit(EXIT_INPUT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command (``measure`` only when ``cli_measure`` imports)."""
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog=PROG,
         description="Segment paraspinal muscles and spine on an axial lumbar MRI slice (BS-ESNet) and "
         "measure cross-sectional area and fat %. Outputs open in 3D Slicer.",
         epilog="exit status: " + "; ".join(f"{code} {what}" for code, what in EXIT_CODES.items()),
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
 
     seg = sub.add_parser(
         "segment",

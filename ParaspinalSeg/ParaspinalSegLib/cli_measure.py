@@ -49,7 +49,7 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
     p = subparsers.add_parser(
         "measure",
         help="measure CSA / fat %% of an existing segmentation (no network)",
-        description="Measure CSA, functional CSA, fat %% and left/right asymmetry of an existing "
+        description="Measure CSA, functional CSA, fat % and left/right asymmetry of an existing "
         "segmentation (label image on the volume's grid, or Slicer .seg.nrrd).",
     )
     p.add_argument("volume", type=Path, help="image volume (NIfTI, NRRD, anything SimpleITK reads)")

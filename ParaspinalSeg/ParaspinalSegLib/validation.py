@@ -98,6 +98,8 @@ def parse_threshold_method(method: Any) -> ThresholdMethod:
             value = None  # type: ignore[assignment]
     else:
         value = None  # type: ignore[assignment]
-    if value is None or not np.isfinite(value):
+    if value is not None and not np.isfinite(value):
+        raise InputError(f"a manual fat threshold must be a finite number, not {method!r}")
+    if value is None:
         raise InputError(f"unknown fat threshold method {method!r}: use {', '.join(THRESHOLD_METHODS)} or a number")
     return value

@@ -100,6 +100,8 @@ def parse_config_text(data: bytes) -> Any:
         raise ConfigProblem(f"it is not valid JSON: {exc}") from None
     except RecursionError:
         raise ConfigProblem(f"it nests lists/objects more than {MAX_DEPTH} deep") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts (4300)
+        raise ConfigProblem(f"it holds a value that cannot be read as a number: {exc}") from None
     if _depth(raw) > MAX_DEPTH:
         raise ConfigProblem(f"it nests lists/objects more than {MAX_DEPTH} deep")
     return raw

@@ -352,3 +352,12 @@ def test_info_prints_model_card(capsys, weights):
     code, stdout, _ = run_cli(capsys, "info", "--weights", weights)
     assert code == 0
     assert "tiny" in stdout and "structures learned" in stdout
+
+
+def test_an_argument_error_is_one_line_with_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["segment", "x.nii.gz", "--threshold-method", "nan", "--out", "o"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "finite number" in lines[0] and "--help" in lines[0], err

@@ -163,3 +163,16 @@ def test_tensor_file_larger_than_the_architecture_can_need_is_not_read(weights):
         f.truncate(200 * 1024 * 1024)  # sparse: 200 MB for a network of a few thousand parameters
     with pytest.raises(WeightsError, match="more than the architecture .* can need"):
         load_weights(weights)
+
+
+def test_an_integer_too_long_to_convert_is_one_clear_refusal(tmp_path, save_tiny_weights):
+    import json
+
+    from ParaspinalSegLib.weights import WeightsError, load_weights
+
+    path = save_tiny_weights(tmp_path / "w")
+    text = path.read_text().replace('"size": 64', '"size": 1' + "0" * 5000, 1)
+    assert "0" * 5000 in text
+    path.write_text(text)
+    with pytest.raises(WeightsError, match="cannot be read as a number"):
+        load_weights(path)
