@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+from ParaspinalSegLib.preprocessing import ModelInput, NormalisationConfig
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 #: Every key a config may hold, with its default. Nested dicts are merged key by key.
@@ -23,11 +25,11 @@ DEFAULTS: dict[str, Any] = {
     "name": "bsesnet",
     # Network preset (a NetworkConfig class method) and field overrides (e.g. base_width).
     "network": {"preset": "bsesnet"},
-    # The model window: pixels of spacing_mm along the patient's axes, size × size; passed to
-    # preprocessing.ModelInput (inference uses the same values).
-    "model_input": {"spacing_mm": 0.8, "size": 256, "window": "spine"},
-    # Intensity normalisation recorded with the weights (preprocessing.NormalisationConfig).
-    "normalisation": {"method": "percentile", "low": 0.5, "high": 99.5},
+    # The model window (pixels of spacing_mm along the patient's axes, size × size) and the intensity
+    # normalisation recorded with the weights: the library's own defaults (preprocessing.ModelInput /
+    # NormalisationConfig), which inference uses too, so they are written once.
+    "model_input": ModelInput().to_dict(),
+    "normalisation": NormalisationConfig().to_dict(),
     # Dixon sources (a *_fat image next to the water image): also train on the in-phase image water + fat,
     # whose bright fat resembles T2 TSE (training.data.load_source_folder).
     "dixon_in_phase": True,
