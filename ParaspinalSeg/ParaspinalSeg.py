@@ -906,7 +906,7 @@ class ParaspinalSegLogic(ScriptedLoadableModuleLogic):
             slicer.mrmlScene, volumeNode, slices, self.getSegmenter(weightsPath, device, mirrorAveraging),
             segmentation_node=segmentationNode, level=level, method=method, show_boxes=showBoxes,
             volume_ijk_to_ras=workflow.volume_ijk_to_world(volumeNode), dixon=self.dixonSource(waterVolume, fatVolume),
-            progress=progress, cancel=cancel)
+            progress=progress, cancel=cancel, validated=True)
 
     @staticmethod
     def dixonSource(waterVolume=None, fatVolume=None):

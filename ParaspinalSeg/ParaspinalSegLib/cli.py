@@ -226,7 +226,7 @@ def _run_stack(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - t_load
     out = segment_stack_to_folder(volume, ks, args.out, segmenter, level=args.level,
                                   threshold_method=args.threshold_method, dixon=dixon, batch_size=args.batch_size,
-                                  overwrite=args.overwrite)
+                                  overwrite=args.overwrite, validated=True)
     out.seconds.update(model_load=load_s, total=time.perf_counter() - t0)
     print(out.describe())
     return 0

@@ -78,6 +78,7 @@ def segment_slices_into_scene(
     show_boxes: bool = True,
     progress: Optional[Callable[[int, int, SliceOutcome], None]] = None,
     cancel: Optional[Callable[[], bool]] = None,
+    validated: bool = False,
 ) -> Iterator[SliceOutcome]:
     """Segment ``slices`` of ``volume_node`` one after another into the scene; yield each slice's outcome.
 
@@ -85,13 +86,15 @@ def segment_slices_into_scene(
     (and before each network batch) and, when it returns True, the generator stops (slices done stay).
     Every slice is checked before any network pass, so a bad slice (all one value, NaN, out of range) is an
     :class:`InputError` before the scene changes. The other arguments are those of
-    :func:`workflow.segment_slice_into_scene`; ``batch_size`` slices share a network pass.
+    :func:`workflow.segment_slice_into_scene`; ``batch_size`` slices share a network pass. ``validated``:
+    the caller already ran ``check_slice`` on every slice (before loading the model), so they are not
+    checked again.
     """
     check_volume(volume_node)
     ks = [int(k) for k in slices]
     if not ks:
         raise InputError("no slices to segment")
-    for k in ks:  # every slice checked before the first network pass (copies are dropped: memory stays flat)
+    for k in ([] if validated else ks):  # every slice checked before the first network pass (copies dropped)
         check_slice(volume_node, k)
     ijk_to_ras = scene.volume_ijk_to_ras(volume_node) if volume_ijk_to_ras is None else np.asarray(volume_ijk_to_ras, float)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:

@@ -113,8 +113,12 @@ def segment_stack_to_folder(
     name: Optional[str] = None,
     progress: Optional[Callable[[int, int, Any], None]] = None,
     overwrite: bool = False,
+    validated: bool = False,
 ) -> StackOutputs:
-    """Segment ``slices`` of ``volume`` with a loaded segmenter and write the stack's outputs (see module doc)."""
+    """Segment ``slices`` of ``volume`` with a loaded segmenter and write the stack's outputs (see module doc).
+
+    ``validated``: the caller already checked every slice (``slice_outputs.check_slice``) before loading the model.
+    """
     from . import scene as writers
     from .headless import SceneSession
     from .overlay import save_overlay
@@ -146,7 +150,7 @@ def segment_stack_to_folder(
             outcome = None
             for outcome in segment_slices_into_scene(
                 mrml, volume_node, ks, segmenter, batch_size=batch_size, level=level, method=threshold_method,
-                dixon=dixon, volume_ijk_to_ras=volume.ijk_to_ras, progress=progress,
+                dixon=dixon, volume_ijk_to_ras=volume.ijk_to_ras, progress=progress, validated=validated,
             ):
                 k, result = outcome.k, outcome.result
                 found[k] = list(result.found)

@@ -82,3 +82,10 @@ def test_one_segment_call_checks_the_slice_once(tmp_path, monkeypatch, save_tiny
     batch.run_batch([batch.BatchItem(1, str(tmp_path / "v.nii.gz"), 0)], tmp_path / "batch",
                     batch.load_segmenter(str(weights), "cpu", 1), progress=False)
     assert calls == [(40, 40)]
+    # A stack (--slices): each slice checked once, before the model loads.
+    from ParaspinalSegLib import cli
+
+    calls.clear()
+    assert cli.main(["segment", str(tmp_path / "v.nii.gz"), "--slices", "0-1", "--out", str(tmp_path / "stack"),
+                     "--weights", str(weights), "--device", "cpu", "--threads", "1"]) == 0
+    assert calls == [(40, 40), (40, 40)]
