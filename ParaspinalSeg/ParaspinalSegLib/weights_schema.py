@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import fields
 from typing import Any, Mapping, Optional
+
+from .network_config import NetworkConfig
+from .preprocessing import WINDOW_FIELD_OF_VIEW, WINDOWS, NormalisationConfig
 
 #: Largest config file read (real configs are a few kB; the training record may add some).
 MAX_CONFIG_BYTES = 8 * 1024 * 1024
@@ -171,11 +175,19 @@ def _check_object(where: str, obj: Any, fields: Mapping[str, tuple[type, Optiona
             raise ConfigProblem(f"invalid {where}: {exc}") from None
 
 
+#: The network's own defaults (a config may leave a field out): read from NetworkConfig, never restated.
+_ARCH_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(NetworkConfig)}
+
+
+def _arch(arch: Mapping[str, Any], key: str) -> int:
+    return int(arch.get(key, _ARCH_DEFAULTS[key]))
+
+
 def estimated_parameters(arch: Mapping[str, Any]) -> int:
     """An upper estimate of the network's parameter count from its architecture fields (no torch):
     encoder and decoder 3×3 convs dominate; the detectors and heads are added generously."""
-    base, depth = int(arch.get("base_width", 16)), int(arch.get("depth", 5))
-    c_in = int(arch.get("in_channels", 1))
+    base, depth = _arch(arch, "base_width"), _arch(arch, "depth")
+    c_in = _arch(arch, "in_channels")
     total = 0
     for level in range(depth):
         c = base * 2 ** level
@@ -183,10 +195,10 @@ def estimated_parameters(arch: Mapping[str, Any]) -> int:
         if level < depth - 1:
             total += 4 * 2 * c * c + 9 * (2 * c * c + c * c)  # up-convolution and decoder level
         c_in = c
-    width, hidden, pool = (int(arch.get(k, v)) for k, v in (("detector_width", 16), ("detector_hidden", 64), ("detector_pool", 8)))
-    classes = int(arch.get("num_classes", 10))
+    width, hidden, pool = (_arch(arch, k) for k in ("detector_width", "detector_hidden", "detector_pool"))
+    classes = _arch(arch, "num_classes")
     total += classes * (9 * 3 * width + 9 * width * width + width * pool * pool * hidden + hidden * 4)
-    total += 9 * (base * 4 + base * 2 ** (depth - 1)) * int(arch.get("prelim_width", 32))
+    total += 9 * (base * 4 + base * 2 ** (depth - 1)) * _arch(arch, "prelim_width")
     return total
 
 
@@ -221,18 +233,19 @@ def check_config(raw: Any, *, known_architecture: Optional[set[str]] = None) -> 
     if params > MAX_PARAMETERS:
         raise ConfigProblem(
             f"architecture describes a network of about {params / 1e6:.0f} M parameters (base_width "
-            f"{arch.get('base_width', 16)}, depth {arch.get('depth', 5)}); at most {MAX_PARAMETERS / 1e6:.0f} M are loaded"
+            f"{_arch(arch, 'base_width')}, depth {_arch(arch, 'depth')}); at most {MAX_PARAMETERS / 1e6:.0f} M are loaded"
         )
     _check_object("model_input", raw.get("model_input"), MODEL_INPUT_FIELDS, ("spacing_mm", "size"))
-    window = raw["model_input"].get("window", "field_of_view")
-    if window not in ("spine", "field_of_view"):
-        raise ConfigProblem(f"model_input.window must be \"spine\" or \"field_of_view\", got {_show(window)}")
-    size, depth = raw["model_input"]["size"], int(arch.get("depth", 5))
+    # A weights file without the key predates it: the field-of-view window (see preprocessing.ModelInput).
+    window = raw["model_input"].get("window", WINDOW_FIELD_OF_VIEW)
+    if window not in WINDOWS:
+        raise ConfigProblem(f"model_input.window must be one of {', '.join(WINDOWS)}, got {_show(window)}")
+    size, depth = raw["model_input"]["size"], _arch(arch, "depth")
     if size % 2 ** (depth - 1):
         raise ConfigProblem(f"model_input.size {size} is not a multiple of {2 ** (depth - 1)} (2**(depth-1) for depth {depth})")
     norm = raw.get("normalisation")
     _check_object("normalisation", norm, NORMALISATION_FIELDS, ("low", "high"))
-    if norm.get("method", "percentile") != "percentile":
+    if norm.get("method", NormalisationConfig.method) != NormalisationConfig.method:
         raise ConfigProblem(f"normalisation.method must be \"percentile\", got {_show(norm['method'])}")
     if not norm["low"] < norm["high"]:
         raise ConfigProblem(f"normalisation.low ({norm['low']}) must be below normalisation.high ({norm['high']})")
