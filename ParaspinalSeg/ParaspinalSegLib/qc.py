@@ -56,7 +56,8 @@ __all__ = [
 #: Per structure, the smallest and largest CSA (mm²) in the training labels (sy_lumbar_muscle with its
 #: estimated 0.37 mm spacing, myosegmentum_lpm). Canal and lamina: the published range of the dural-sac
 #: area (stenotic to capacious canals) and a wide provisional range for the arch until derived labels
-#: exist. Recompute with ``python -m training.area_ranges`` when the training data change.
+#: were trained on. Recompute them (min and max of pixels × pixel area per trusted structure over every
+#: training slice's labels) when the training data change, e.g. after the nine-class retraining.
 TRAINING_AREA_RANGE_MM2: dict[int, tuple[float, float]] = {
     1: (699.0, 2360.0),
     2: (40.0, 400.0),
