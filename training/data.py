@@ -127,7 +127,8 @@ def load_source_folder(folder: str | Path, limit: Optional[int] = None, dixon_in
             labels=lab,
             slice_ijk_to_ras=slice_geometry_from_nifti_affine(img.affine, 0),
             trusted=trusted,
-            info={"file": row["img_file"]},
+            # Trusted classes that a tool derived instead of an annotator drawing them (derived sources).
+            info={"file": row["img_file"], "derived_classes": _parse_classes(row.get("derived_classes") or "")},
         )
         records.append(record)
         fat_files = [f for f in (row.get("extra_files") or "").split(";") if f.strip().endswith("_fat.nii.gz")]
@@ -139,7 +140,7 @@ def load_source_folder(folder: str | Path, limit: Optional[int] = None, dixon_in
             in_phase = np.asarray(a, np.float32) + np.asarray(fat, np.float32)
             records.append(dataclasses.replace(
                 record, case_id=record.case_id + "_inphase", image=in_phase,
-                info={"file": row["img_file"], "contrast": "in-phase (Dixon water + fat)"}))
+                info={**record.info, "contrast": "in-phase (Dixon water + fat)"}))
     return records
 
 

@@ -53,15 +53,15 @@ __all__ = [
     "structure_centroids_ras",
 ]
 
-#: Per structure, the smallest and largest CSA (mm²) in the training labels (sy_lumbar_muscle with its
-#: estimated 0.37 mm spacing, myosegmentum_lpm). Canal and lamina: the published range of the dural-sac
-#: area (stenotic to capacious canals) and a wide provisional range for the arch until derived labels
-#: were trained on. Recompute them (min and max of pixels × pixel area per trusted structure over every
-#: training slice's labels) when the training data change, e.g. after the nine-class retraining.
+#: Per structure, the smallest and largest CSA (mm²) in the nine-class model's training labels: pixels ×
+#: pixel area over every slice that trusts the structure and shows it (sy_lumbar_muscle with its estimated
+#: 0.37 mm spacing, myosegmentum_lpm; canal and lamina: the derived labels of the sy slices whose review
+#: accepted them, 116 of 134). Computed by ``python -m training.area_ranges --data
+#: <derived sy_lumbar_muscle> ../shared/data/myosegmentum_lpm``; recompute when the training data change.
 TRAINING_AREA_RANGE_MM2: dict[int, tuple[float, float]] = {
     1: (699.0, 2360.0),
-    2: (40.0, 400.0),
-    3: (50.0, 1500.0),
+    2: (63.0, 299.0),
+    3: (364.0, 1211.0),
     4: (140.0, 1963.0),
     5: (129.0, 1891.0),
     6: (164.0, 1418.0),
