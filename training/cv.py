@@ -8,8 +8,10 @@ held-out subjects with :func:`training.evaluate.evaluate_weights` (the best-vali
 not used for the report: it was chosen on the very fold it would be scored on), the way the shipped
 segmenter runs (slice and mirror image averaged). ``OUT`` gets ``per_slice.csv``, ``summary.csv`` (pooled
 and per fold), ``report.md`` (Table-1 style) and ``cv_metrics.json``; ``--no-mirror-tta`` scores one
-network pass instead and writes them to ``OUT/single_pass``. ``--train-also DIR`` adds a source to every
-fold's training slices without scoring it (e.g. the shipped model's second source: score on sy folds,
+network pass instead and writes them to ``OUT/single_pass``. The headline ``mean_dice`` is over the manually
+labelled structures; structures a derived source (``training.derive_labels``) labels by rule are reported
+apart, as ``mean_dice_derived`` / ``per_structure_derived`` and "(derived labels)" in the tables.
+``--train-also DIR`` adds a source to every fold's training slices without scoring it (e.g. the shipped model's second source: score on sy folds,
 train as shipped on sy + myosegmentum); its subjects must not appear among the folded ones. ``--final-model`` then trains on every slice and exports ``OUT/final_model/final.json``
 with the folds and cross-validation metrics recorded in its config.
 """
@@ -28,7 +30,7 @@ from .data import SliceRecord, load_sources
 from .evaluate import evaluate_weights
 from .provenance import provenance
 from .splits import SPLITS_FILE, cv_folds
-from .report import mean_dice, summarise, write_report
+from .report import headline, metrics_from_rows, write_report
 from .train import _dist, add_data_arguments, config_from_args, train
 
 
@@ -95,11 +97,9 @@ def cross_validate(
                              f"(interim: {len(done)} of {len(run_folds)} folds run so far)")
     if _dist()[0] != 0:
         return {"rows": [], "folds": fold_cases}
-    summary = summarise(rows)
     metrics = {
-        "mean_dice": mean_dice(rows),
-        "per_structure": {str(v): d for v, d in summary.items()},
-        "per_fold_mean_dice": {f: mean_dice([r for r in rows if r["fold"] == f]) for f in run_folds},
+        # mean_dice / per_structure: the manually labelled structures; *_derived: those scored against derived labels.
+        **metrics_from_rows(rows, run_folds),
         "k": k,
         "folds_run": run_folds,
         "slices": len(records),
@@ -138,7 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     res = cross_validate(config, records, args.out, args.folds, resume=args.resume, device=args.device, final_model=args.final_model,
                          only_folds=args.only_folds, mirror_tta=args.mirror_tta, train_also=extra)
     if "metrics" in res:
-        print(f"mean Dice {100 * res['metrics']['mean_dice']:.1f} %; report {res['paths']['report']}")
+        print(f"{headline(res['rows'])}; report {res['paths']['report']}")
     return 0
 
 

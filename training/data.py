@@ -4,7 +4,9 @@ Two kinds of source, freely mixed in one run:
 
 * a ``../shared/data``-style folder: NIfTI pairs ``<case>_img.nii.gz`` / ``<case>_lbl.nii.gz`` (shape
   (X, Y, 1)) and a ``manifest.csv`` with ``subject_id`` and ``trusted_classes`` per slice; label 255 =
-  not annotated (:func:`load_source_folder`);
+  not annotated (:func:`load_source_folder`). A derived source (``training.derive_labels``) adds
+  ``derived_classes``: the trusted structures whose labels were derived by rule, not outlined by hand;
+  the record keeps them (``SliceRecord.derived``) so reports never mix them with manual ones;
 * a Slicer-style pair: a volume plus its ``.seg.nrrd`` from Segment Editor, one chosen slice or every
   labelled slice (:func:`load_slicer_pair`). Segments map to label values by ID (``anatomy.BY_KEY``) or
   name; structures without a segment are untrusted, so an unlabelled pixel of such a slice means
@@ -58,6 +60,9 @@ class SliceRecord:
     #: (10,) bool: entry c ≥ 1 = the source annotates structure c; entry 0 = label 0 is certain background.
     trusted: np.ndarray
     info: dict[str, Any] = field(default_factory=dict)
+    #: Trusted structures whose labels are DERIVED (rule-based, reviewed by eye; ``training.derive_labels``),
+    #: not an annotator's outline; the rest of ``trusted_structures`` are manual. Sorted values.
+    derived: tuple[int, ...] = ()
 
     @property
     def group(self) -> str:
@@ -67,6 +72,10 @@ class SliceRecord:
     @property
     def trusted_structures(self) -> list[int]:
         return [int(v) for v in np.flatnonzero(self.trusted[1:]) + 1]
+
+    def ground_truth(self, structure: int) -> str:
+        """``"derived"`` when this slice's label of ``structure`` was derived by rule, else ``"manual"``."""
+        return "derived" if int(structure) in self.derived else "manual"
 
 
 def trusted_mask(classes: Iterable[int], zero_is_background: bool = True) -> np.ndarray:
@@ -83,6 +92,29 @@ def trusted_mask(classes: Iterable[int], zero_is_background: bool = True) -> np.
 
 def _parse_classes(text: str) -> list[int]:
     return [int(t) for t in str(text).replace(",", ";").split(";") if t.strip()]
+
+
+def manifest_derived(row: Mapping[str, str], trusted: np.ndarray) -> tuple[int, ...]:
+    """The derived structures of one manifest row (``derived_classes``; none without the column).
+
+    A derived class must be trusted: an untrusted one is never scored, so naming it means the manifest
+    is inconsistent and the report could not say what its figures rest on.
+    """
+    derived = tuple(sorted(set(_parse_classes(row.get("derived_classes") or ""))))
+    untrusted = [v for v in derived if not (1 <= v < NUM_CLASSES and trusted[v])]
+    if untrusted:
+        raise ValueError(f"{row.get('case_id', '?')}: derived_classes {untrusted} are not in trusted_classes")
+    return derived
+
+
+def read_manifest_derived(folder: str | Path) -> dict[str, tuple[int, ...]]:
+    """``{case_id: derived structures}`` from a source folder's ``manifest.csv`` alone (no images read)."""
+    manifest = Path(folder) / "manifest.csv"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{folder} has no manifest.csv (not a ParaspinalSeg data folder)")
+    with open(manifest, newline="", encoding="utf-8") as f:
+        return {row["case_id"]: manifest_derived(row, trusted_mask(_parse_classes(row["trusted_classes"])))
+                for row in csv.DictReader(f)}
 
 
 def load_source_folder(folder: str | Path, limit: Optional[int] = None, dixon_in_phase: bool = False) -> list[SliceRecord]:
@@ -127,8 +159,8 @@ def load_source_folder(folder: str | Path, limit: Optional[int] = None, dixon_in
             labels=lab,
             slice_ijk_to_ras=slice_geometry_from_nifti_affine(img.affine, 0),
             trusted=trusted,
-            # Trusted classes that a tool derived instead of an annotator drawing them (derived sources).
-            info={"file": row["img_file"], "derived_classes": _parse_classes(row.get("derived_classes") or "")},
+            info={"file": row["img_file"]},
+            derived=manifest_derived(row, trusted),
         )
         records.append(record)
         fat_files = [f for f in (row.get("extra_files") or "").split(";") if f.strip().endswith("_fat.nii.gz")]

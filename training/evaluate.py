@@ -22,7 +22,7 @@ from ParaspinalSegLib.preprocessing import pixel_spacing
 
 from .data import PreparedData, SliceRecord, load_sources
 from .metrics import score_slice
-from .report import mean_dice, write_report
+from .report import headline, write_report
 from .splits import held_out, read_splits
 
 
@@ -31,7 +31,9 @@ def evaluate_segmenter(
 ) -> list[dict[str, Any]]:
     """Per-slice, per-structure rows for ``records`` segmented by ``segmenter`` (a ``SliceSegmenter``).
 
-    Structures scored: those the slice's source annotates and the model learned.
+    Structures scored: those the slice's source annotates and the model learned. Each row's
+    ``ground_truth`` says whether that label was outlined by hand (``manual``) or derived by rule
+    (``derived``, see ``SliceRecord.derived``); reports keep the two apart.
     """
     learned = set(segmenter.structures_learned)
     rows = []
@@ -45,7 +47,8 @@ def evaluate_segmenter(
         boxes = {v: b.pixel for v, b in res.detector_boxes.items()} if res.detector_boxes else None
         structures = [v for v in r.trusted_structures if v in learned]
         for row in score_slice(res.labels, r.labels, structures, pixel_spacing(r.slice_ijk_to_ras), boxes, iou_threshold):
-            rows.append({"fold": fold, "source": r.source, "case_id": r.case_id, "subject_id": r.subject_id, **row})
+            rows.append({"fold": fold, "source": r.source, "case_id": r.case_id, "subject_id": r.subject_id,
+                         "ground_truth": r.ground_truth(row["structure"]), **row})
     return rows
 
 
@@ -115,7 +118,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             progress=True)
     out = Path(args.out) if args.out else Path(args.weights).parent / ("eval_" + "_".join(Path(d).name for d in args.data or ["pairs"]))
     paths = write_report(rows, out, title=f"{Path(args.weights).name} on {', '.join(args.data) or 'Slicer pairs'}")
-    print(f"mean Dice {100 * mean_dice(rows):.1f} % over {len(records)} slices; report: {paths['report']}")
+    print(f"{headline(rows)} over {len(records)} slices; report: {paths['report']}")
     return 0
 
 

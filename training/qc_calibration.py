@@ -91,7 +91,7 @@ def broken_inputs(r: SliceRecord, seed: int = 0) -> Iterator[tuple[str, np.ndarr
 
 def scored_structures(r: SliceRecord, learned: Sequence[int]) -> tuple[list[int], list[int]]:
     """``(manual, derived)``: the slice's trusted structures the model learned, split by who labelled them."""
-    derived = set(r.info.get("derived_classes", ()))
+    derived = set(r.derived)
     trusted = [v for v in r.trusted_structures if v in learned]
     return [v for v in trusted if v not in derived], [v for v in trusted if v in derived]
 

@@ -144,12 +144,14 @@ class WeightsConfig:
             k, folds = cv.get("k"), cv.get("folds_run")
             # The training record is free-form data from a file: anything unexpected is left out, not fatal.
             scope = f"{k}-fold" if isinstance(folds, list) and len(folds) == k else f"folds {folds} of {k}"
-            per = cv.get("per_structure")
-            parts = [f"{BY_VALUE[int(v)].name} {100 * d['dice']:.1f}" for v, d in (per.items() if isinstance(per, dict) else ())
-                     if str(v).isdigit() and int(v) in BY_VALUE and isinstance(d, dict)
-                     and isinstance(d.get("dice"), (int, float)) and not isinstance(d.get("dice"), bool)]
-            head = f"cross-validation{' ' + label if label else ''} ({scope}, {cv.get('slices', '?')} slices): mean Dice {100 * mean:.1f} %"
+            parts = _dice_parts(cv.get("per_structure"))
+            # Structures scored against labels derived by rule (training.derive_labels) are never in the mean.
+            derived = _dice_parts(cv.get("per_structure_derived"))
+            over = f" over the {len(parts)} manually labelled structures" if derived and parts else ""
+            head = f"cross-validation{' ' + label if label else ''} ({scope}, {cv.get('slices', '?')} slices): mean Dice {100 * mean:.1f} %{over}"
             line = head + (f" ({', '.join(parts)})" if parts else "")
+            if derived:
+                line += f"; against derived labels, not manual outlines: {', '.join(derived)}"
             # training.train checks a CV against the exported model's data and configuration.
             if cv.get("matches_model") is False:
                 reasons = cv.get("mismatch")
@@ -159,6 +161,13 @@ class WeightsConfig:
                 line += " — not checked against these weights' data and configuration"
             lines.append(line)
         return lines
+
+
+def _dice_parts(per: Any) -> list[str]:
+    """``"<structure> <Dice %>"`` for each well-formed entry of a recorded ``per_structure`` block."""
+    return [f"{BY_VALUE[int(v)].name} {100 * d['dice']:.1f}" for v, d in (per.items() if isinstance(per, dict) else ())
+            if str(v).isdigit() and int(v) in BY_VALUE and isinstance(d, dict)
+            and isinstance(d.get("dice"), (int, float)) and not isinstance(d.get("dice"), bool)]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def test_slice_dice_ignores_not_annotated_pixels():
 
 def test_derived_structures_are_scored_apart_from_the_manual_ones():
     r = synthetic_slice(n=64)
-    r = dataclasses.replace(r, labels=r.labels.copy(), trusted=r.trusted.copy(), info={"derived_classes": [2]})
+    r = dataclasses.replace(r, labels=r.labels.copy(), trusted=r.trusted.copy(), derived=(2,))
     r.labels[30:34, 44:48] = 2  # a derived canal
     r.trusted[2] = True
     manual, derived = scored_structures(r, range(1, 10))
