@@ -228,9 +228,11 @@ class HeldOut:
 
     @property
     def scope(self) -> str:
+        def folds(fs: Sequence[int]) -> str:
+            return ("fold " if len(fs) == 1 else "folds ") + ", ".join(map(str, fs))
+
         missing = [f for f in range(self.k) if f not in self.folds_used]
-        text = f"folds {', '.join(map(str, self.folds_used))} of {self.k}"
-        return text + (f" (folds {', '.join(map(str, missing))} not finished)" if missing else " (all)")
+        return f"{folds(self.folds_used)} of {self.k}" + (f" ({folds(missing)} not finished)" if missing else " (all)")
 
 
 def check_never_trained_on(weights: Path, held: Sequence[str]) -> None:
@@ -272,6 +274,29 @@ def _pct(n: int, total: int) -> str:
     return f"{100 * n / total:.1f} %" if total else "–"
 
 
+CHECKS = ("box", "layout", "shape", "confidence", "image", "refused")
+
+
+def _checks_of(row: dict[str, Any]) -> set[str]:
+    return {f.split(":", 2)[1] for f in filter(None, row["flags"].split(" | "))}
+
+
+def check_table(rows: Sequence[dict[str, Any]], good_kind: str) -> list[str]:
+    """Markdown table: per group of slices (good / middling / bad held-out, each broken input) how many of
+    them each check flagged — what it caught and how often it fires on good slices."""
+    scored = [r for r in rows if r["kind"] == good_kind and r["mean_dice"] != ""]
+    groups = [(f"{good_kind}, mean Dice ≥ {GOOD_DICE}", [r for r in scored if r["mean_dice"] >= GOOD_DICE]),
+              (f"{good_kind}, {BAD_DICE} ≤ mean Dice < {GOOD_DICE}", [r for r in scored if BAD_DICE <= r["mean_dice"] < GOOD_DICE]),
+              (f"{good_kind}, mean Dice < {BAD_DICE}", [r for r in scored if r["mean_dice"] < BAD_DICE])]
+    groups += [(kind, [r for r in rows if r["kind"] == kind])
+               for kind in dict.fromkeys(r["kind"] for r in rows if r["kind"] not in ("held-out", "dev"))]
+    out = ["| slices | n | flagged | " + " | ".join(CHECKS) + " |", "| --- | --- | --- |" + " --- |" * len(CHECKS)]
+    for name, rs in groups:
+        fired = Counter(c for r in rs for c in _checks_of(r))
+        out.append(f"| {name} | {len(rs)} | {sum(r['flagged'] for r in rs)} | " + " | ".join(str(fired[c]) for c in CHECKS) + " |")
+    return out
+
+
 def summarise(rows: Sequence[dict[str, Any]], good_kind: str, scope: str = "") -> str:
     """Markdown: the acceptance figures, per check how often it fired on good slices, the bad slices it
     missed, the derived structures' Dice, and the broken inputs."""
@@ -290,23 +315,21 @@ def summarise(rows: Sequence[dict[str, Any]], good_kind: str, scope: str = "") -
         low = [r for r in derived if r["derived_dice"] < BAD_DICE]
         lines.append(f"- derived structures (scored apart): {len(derived)} slices, mean Dice {np.mean(dd):.3f}; "
                      f"{len(low)} below {BAD_DICE}, {sum(r['flagged'] for r in low)} of them flagged")
-    checks, reasons = Counter(), Counter()
+    reasons = Counter()
     for r in fine:
         flags = [f.split(":", 2) for f in filter(None, r["flags"].split(" | "))]
-        checks.update({c for _, c, _ in flags})
         reasons.update({f"{c}: {why.split('(')[0].strip()}" for _, c, why in flags})
-    if checks:
-        lines += ["", f"| check fired on a good slice (of {len(fine)}) | slices | share |", "| --- | --- | --- |"]
-        lines += [f"| {c} | {n} | {_pct(n, len(fine))} |" for c, n in checks.most_common()]
-        lines += ["", "| reason on a good slice | slices |", "| --- | --- |"]
+    if reasons:
+        lines += ["", f"| reason on a good slice (of {len(fine)}) | slices |", "| --- | --- |"]
         lines += [f"| {why} | {n} |" for why, n in reasons.most_common()]
     missed = [r for r in bad if not r["flagged"]]
     if missed:
         lines += ["", "Bad slices NOT flagged:"] + [f"- {r['case_id']} (fold {r['fold']}): mean Dice {r['mean_dice']}, {r['dice']}" for r in missed]
-    lines += ["", "| broken input | slices | flagged |", "| --- | --- | --- |"]
-    for kind in dict.fromkeys(r["kind"] for r in rows if r["kind"] not in ("held-out", "dev")):
-        ks = [r for r in rows if r["kind"] == kind]
-        lines.append(f"| {kind} | {len(ks)} | {sum(r['flagged'] for r in ks)} |")
+    flagged = sorted((r for r in good if r["flagged"]), key=lambda r: r["mean_dice"])
+    if flagged:
+        lines += ["", f"Flagged {good_kind} slices:"]
+        lines += [f"- {r['case_id']} (fold {r['fold']}, mean Dice {r['mean_dice']}; {r['dice']}): {r['flags']}" for r in flagged]
+    lines += ["", "Slices each check flagged:", "", *check_table(rows, good_kind)]
     return "\n".join(lines) + "\n"
 
 

@@ -72,14 +72,18 @@ def test_summary_counts_bad_and_good_slices_and_broken_inputs():
         _row("", "None:image:x", kind="contrast inverted"),
         _row("", kind="contrast inverted"),
     ]
-    text = summarise(rows, "held-out", "folds 0 of 5 (folds 1, 2, 3, 4 not finished)")
-    assert "held-out, folds 0 of 5 (folds 1, 2, 3, 4 not finished)" in text
+    text = summarise(rows, "held-out", "fold 0 of 5 (folds 1, 2, 3, 4 not finished)")
+    assert "held-out, fold 0 of 5 (folds 1, 2, 3, 4 not finished)" in text
     assert "mean Dice < 0.5: 2 slices, 1 flagged" in text
     assert "mean Dice ≥ 0.85: 2 slices, 50.0 % flagged" in text
-    assert "| box | 1 | 50.0 % |" in text and "| box: detector box disagrees with mask | 1 |" in text
+    assert "| box: detector box disagrees with mask | 1 |" in text
     assert "derived structures (scored apart): 2 slices, mean Dice 0.500; 1 below 0.5, 1 of them flagged" in text
     assert "Bad slices NOT flagged:\n- c (fold 0): mean Dice 0.45" in text
     assert "| contrast inverted | 2 | 1 |" in text
+    # Per group of slices, how many each check flagged.
+    assert "| held-out, mean Dice ≥ 0.85 | 2 | 1 | 1 | 0 | 0 | 0 | 0 | 0 |" in text
+    assert "| held-out, mean Dice < 0.5 | 2 | 1 | 0 | 0 | 0 | 1 | 0 | 0 |" in text
+    assert "| contrast inverted | 2 | 1 | 0 | 0 | 0 | 0 | 1 | 0 |" in text
 
 
 def test_segmentation_cache_round_trip(tmp_path):
@@ -111,7 +115,7 @@ def test_a_partly_finished_cv_is_scored_fold_by_fold_with_each_folds_own_weights
 
     held = held_out_rows(tmp_path / "cv", recs, segmenter_for, every=1)
     val = set(read_splits(tmp_path / "cv")[1]["val"])
-    assert held.folds_used == [1] and held.scope == "folds 1 of 2 (folds 0 not finished)"
+    assert held.folds_used == [1] and held.scope == "fold 1 of 2 (fold 0 not finished)"
     assert loaded == [tmp_path / "cv" / "fold_1" / "final.json"]
     scored = [r for r in held.rows if r["kind"] == "held-out"]
     assert {r["case_id"] for r in scored} == val and all(r["fold"] == 1 for r in held.rows)

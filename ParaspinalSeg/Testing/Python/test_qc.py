@@ -81,6 +81,9 @@ def test_detector_box_far_from_its_mask_is_flagged():
     report = run(phantom(), box_iou={4: 0.05, 5: 0.8})
     assert checks_of(report, 4) == {"box"} and "IoU 0.05" in report.cell(4)
     assert report.cell(5) == "ok"
+    # The canal's detector box carries no signal (docs/quality-control.md): never compared by default.
+    assert run(phantom(), box_iou={2: 0.0}).ok
+    assert checks_of(run(phantom(), box_iou={2: 0.0}, thresholds=qc.QCThresholds(box_structures=(2,))), 2) == {"box"}
 
 
 def test_fragmented_mask_is_flagged_from_the_labels_before_cleaning():
@@ -93,6 +96,11 @@ def test_fragmented_mask_is_flagged_from_the_labels_before_cleaning():
     raw2 = labels.copy()
     raw2[170:172, 110:112] = 6
     assert run(labels, raw_labels=raw2).ok
+    # A piece joined through a diagonal step is kept by the cleaning (8-connectivity): no fragment.
+    raw3 = labels.copy()
+    raw3[150:165, 120:135] = 6  # 225 px touching the mask's corner pixel (149, 119) only diagonally
+    assert raw3[149, 119] == 6 and raw3[149, 120] == raw3[150, 119] == 0
+    assert run(labels, raw_labels=raw3).ok
 
 
 def test_holes_area_and_asymmetry():
