@@ -28,7 +28,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "myosegmentum_lpm"
-DEFAULT_CASE = "TUM01_z06"
+#: An intervertebral disc level (no marrow fat on the fat image; the source does not record which disc).
+DEFAULT_CASE = "TUM01_z10"
 # Name used by the README's first command.
 DEFAULT_OUT = REPO / "ParaspinalSeg" / "Resources" / "Sample" / "TUM01_sample_inphase.nrrd"
 #: Pixels kept around the body when cropping.
@@ -36,7 +37,7 @@ MARGIN = 8
 
 
 def make_sample(data_dir: Path, case: str, out: Path, crop: bool = True) -> Path:
-    """Write the in-phase sample of ``case`` (e.g. ``TUM01_z06``) from ``data_dir`` to ``out``; returns ``out``."""
+    """Write the in-phase sample of ``case`` (e.g. ``TUM01_z10``) from ``data_dir`` to ``out``; returns ``out``."""
     import SimpleITK as sitk
 
     water_path = data_dir / f"{case}_img.nii.gz"
@@ -79,7 +80,7 @@ def make_sample(data_dir: Path, case: str, out: Path, crop: bool = True) -> Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="myosegmentum_lpm folder")
-    parser.add_argument("--case", default=DEFAULT_CASE, help="slice to use, e.g. TUM01_z06")
+    parser.add_argument("--case", default=DEFAULT_CASE, help="slice to use, e.g. TUM01_z10")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="NRRD file to write")
     parser.add_argument("--no-crop", action="store_true", help="keep the full 400 x 400 field of view")
     args = parser.parse_args(argv)

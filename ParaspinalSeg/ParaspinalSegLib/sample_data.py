@@ -21,7 +21,7 @@ SAMPLE_FILE = RESOURCES / "Sample" / "TUM01_sample_inphase.nrrd"
 #: Thumbnail shown in the Sample Data module: the sample slice itself (grey values only).
 THUMBNAIL_FILE = RESOURCES / "Icons" / "SampleTUM01.png"
 #: SHA-256 of SAMPLE_FILE as shipped (tests check it against the file).
-SAMPLE_SHA256 = "fa5c6e8d0f9f77e335d436f8118d82cee5dff8d8a675a4fb77ae92ea910b0a2c"
+SAMPLE_SHA256 = "d06ad91c73943e75af0240e6cc978afaaef0817079578226dc28e978f39d88fc"
 CATEGORY = "ParaspinalSeg"
 SAMPLE_NAME = "ParaspinalSeg lumbar slice (TUM01, in-phase Dixon)"
 NODE_NAME = "TUM01_sample_inphase"

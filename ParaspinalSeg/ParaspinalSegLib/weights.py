@@ -113,7 +113,8 @@ class WeightsConfig:
         learned = ", ".join(BY_VALUE[v].name for v in self.structures_learned if v in BY_VALUE)
         lines = [
             f"model {self.model_version}",
-            f"input {self.model_input.get('size')} px at {self.model_input.get('spacing_mm')} mm",
+            f"input {self.model_input.get('size')} px at {self.model_input.get('spacing_mm')} mm, "
+            f"{str(self.model_input.get('window', 'field_of_view')).replace('_', '-')} window",
             f"structures learned: {learned}",
         ]
         if self.training.get("description"):

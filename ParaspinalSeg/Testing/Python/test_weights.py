@@ -344,6 +344,8 @@ def test_summary_shows_the_recorded_cross_validation(tmp_path):
     ]
     # A metric that was never measured is left out rather than printed as "None".
     assert "final_loss=0.250" in text and "None" not in text
+    # The window the weights were trained on (saved by default: the spine window).
+    assert "px at 0.8 mm, spine window" in text
 
 
 def test_summary_shows_a_single_flat_cross_validation(tmp_path):
