@@ -1,7 +1,8 @@
 """Benchmark: latency, peak memory, parameters and FLOPs of BS-ESNet next to a plain U-Net of the same width.
 
 Run ``python -m ParaspinalSegLib.bench`` (options: ``--size 512``, ``--runs 15``, ``--threads 2``,
-``--device cpu|cuda``, ``--weights W`` to benchmark a weights file instead of a random-initialised default).
+``--device cpu|cuda``, ``--weights W`` to benchmark a weights file instead of a random-initialised default,
+``--image FILE [--slice K]`` to segment a real slice instead of the synthetic one).
 Both models are measured in the same process, interleaved, and reported as medians plus the ratio
 BS-ESNet / U-Net, so a busy or slow machine shifts both alike. Peak memory is the growth of the resident set
 size of a fresh child process that loads the model and segments one slice (so one model's allocations never
@@ -34,6 +35,19 @@ def _synthetic_slice(size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     # Slicer array order arr[k, j, i]: axis 0 = J (posterior in LPS), axis 1 = I (patient left in LPS).
     matrix = np.array([[0, -spacing, 0, 200], [-spacing, 0, 0, 200], [0, 0, 4.0, 0], [0, 0, 0, 1]], float)
     return image.astype(np.float32), matrix
+
+
+def _image_slice(path: str, k: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Slice ``k`` of a volume file and its slice IJK-to-RAS matrix, as the CLI reads them.
+
+    A trained spine-window model moves its window when the first look finds the structures off-centre; on
+    the synthetic ellipse it finds spurious ones and moves, so trained weights are timed on a real slice.
+    """
+    from .preprocessing import slice_geometry_from_volume
+    from .volume_io import read_volume
+
+    volume = read_volume(path)
+    return np.asarray(volume.array[k], np.float32), slice_geometry_from_volume(volume.ijk_to_ras, k)
 
 
 def _median_ms(fn: Callable[[], object], runs: int, warmup: int = 3) -> float:
@@ -74,8 +88,12 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
 
 
 def run(size: int = 512, runs: int = 15, threads: int = 2, device: str = "cpu",
-        weights: Optional[str] = None, base_width: Optional[int] = None) -> dict:
-    """Measure BS-ESNet and a plain U-Net of the same width; returns a dict of figures per model."""
+        weights: Optional[str] = None, base_width: Optional[int] = None,
+        image_file: Optional[str] = None, slice_index: int = 0) -> dict:
+    """Measure BS-ESNet and a plain U-Net of the same width; returns a dict of figures per model.
+
+    ``image_file``: segment slice ``slice_index`` of this volume instead of a synthetic ``size`` × ``size`` one.
+    """
     import torch
 
     from .network import NetworkConfig, build_network, count_parameters
@@ -84,7 +102,7 @@ def run(size: int = 512, runs: int = 15, threads: int = 2, device: str = "cpu",
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    image, matrix = _synthetic_slice(size)
+    image, matrix = _image_slice(image_file, slice_index) if image_file else _synthetic_slice(size)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
@@ -127,8 +145,13 @@ def run(size: int = 512, runs: int = 15, threads: int = 2, device: str = "cpu",
                 whole[name].append(_median_ms(lambda: seg.segment(image, matrix), max(1, runs // 3), warmup=1))
                 whole_single[name].append(_median_ms(lambda: single[name].segment(image, matrix), max(1, runs // 3), warmup=1))
         for name, seg in segmenters.items():
+            # How many window placements a call took (1 = the first look kept its window): the network
+            # cost is that many passes (twice with mirror averaging).
+            placements = seg.segment(image, matrix).window_placements
+            source = Path(image_file).name if image_file else "synthetic"
             results[name] = {
-                "input": f"{size}x{size} slice -> {input_size[name]}^2 network input",
+                "input": f"{image.shape[0]}x{image.shape[1]} slice ({source}) -> {input_size[name]}^2 network input",
+                "window_placements": placements,
                 "forward_ms": statistics.median(forward[name]),
                 "segment_ms": statistics.median(whole[name]),
                 "segment_single_pass_ms": statistics.median(whole_single[name]),
@@ -150,7 +173,8 @@ def _print_table(results: dict, threads: int, device: str) -> None:
         print(f"{name:10s} " + " ".join(f"{r[c]:{w[c]}.1f}" for c in cols))
     a, b = results["BS-ESNet"], results["U-Net"]
     print(f"{'ratio':10s} " + " ".join(f"{a[c] / b[c]:{w[c]}.2f}" if b[c] else f"{'n/a':>{w[c]}s}" for c in cols))
-    print(results["BS-ESNet"]["input"])
+    print(results["BS-ESNet"]["input"] + "; window placements per call: "
+          + ", ".join(f"{n} {r['window_placements']}" for n, r in results.items()))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -161,9 +185,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--weights", help="weights file to benchmark instead of a random-initialised default")
     parser.add_argument("--base-width", type=int, help="override the default width (random weights only)")
+    parser.add_argument("--image", help="segment a slice of this volume file instead of a synthetic slice "
+                        "(trained weights: their window placement depends on what they find)")
+    parser.add_argument("--slice", type=int, default=0, help="slice index in --image (default 0)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    results = run(args.size, args.runs, args.threads, args.device, args.weights, args.base_width)
+    results = run(args.size, args.runs, args.threads, args.device, args.weights, args.base_width, args.image, args.slice)
     _print_table(results, args.threads, args.device)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")

@@ -17,8 +17,24 @@ def test_bench_reports_both_models(capsys) -> None:
     # BS-ESNet = U-Net + BSN + SAG: strictly more parameters and FLOPs at the same width.
     assert results["BS-ESNet"]["parameters_M"] > results["U-Net"]["parameters_M"]
     assert results["BS-ESNet"]["gflops"] > results["U-Net"]["gflops"]
+    assert all(r["window_placements"] >= 1 for r in results.values())
     bench._print_table(results, 1, "cpu")
     assert "ratio" in capsys.readouterr().out
+
+
+def test_bench_times_a_real_slice_file(tmp_path, capsys) -> None:
+    """``--image`` segments the file's slice (its own matrix and geometry), not the synthetic ellipse."""
+    import SimpleITK as sitk
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    image = sitk.GetImageFromArray(rng.normal(300, 40, (1, 80, 72)).astype(np.float32))
+    image.SetSpacing((2.5, 2.5, 4.0))
+    sitk.WriteImage(image, str(tmp_path / "slice.nrrd"))
+    results = bench.run(runs=3, threads=1, base_width=4, image_file=str(tmp_path / "slice.nrrd"))
+    assert results["BS-ESNet"]["input"].startswith("80x72 slice (slice.nrrd)")
+    assert bench.main(["--runs", "1", "--threads", "1", "--base-width", "4", "--image", str(tmp_path / "slice.nrrd")]) == 0
+    assert "window placements per call" in capsys.readouterr().out
 
 
 def test_click_benchmark_reports_network_and_outside_time(save_tiny_weights, tmp_path, capsys) -> None:
