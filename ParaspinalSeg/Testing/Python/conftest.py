@@ -44,6 +44,24 @@ def pytest_sessionfinish(session, exitstatus) -> None:
         shutil.rmtree(SESSION_TMP, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def load_tool() -> Callable[[str], Any]:
+    """Factory: ``load_tool("make_golden")`` → the module ``tools/make_golden.py`` of this checkout (the
+    ``tools/`` scripts are not a package, so tests load them by path)."""
+    import importlib.util
+    from pathlib import Path
+
+    tools = Path(__file__).resolve().parents[3] / "tools"
+
+    def factory(name: str) -> Any:
+        spec = importlib.util.spec_from_file_location(name, tools / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return factory
+
+
 #: A tiny BS-ESNet (base width 4): random weights stand in for trained ones in tests that check
 #: plumbing (geometry, files, scene), never accuracy.
 TINY_NETWORK = dict(base_width=4, depth=4, prelim_width=8, detector_width=4, detector_hidden=8, detector_pool=2)

@@ -9,25 +9,13 @@ method exactly. A change that moves the result on purpose regenerates the refere
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-TOOL = Path(__file__).resolve().parents[3] / "tools" / "make_golden.py"
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("make_golden", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_shipped_model_on_the_sample_matches_the_golden_reference(tmp_path):
+def test_shipped_model_on_the_sample_matches_the_golden_reference(tmp_path, load_tool):
     pytest.importorskip("torch")
     pytest.importorskip("slicer")
-    golden = _tool()
+    golden = load_tool("make_golden")
     if not golden.SAMPLE.is_file():
         pytest.skip("the shipped sample is not in this checkout")
     labels, table = golden.segment_sample(tmp_path)
@@ -35,11 +23,11 @@ def test_shipped_model_on_the_sample_matches_the_golden_reference(tmp_path):
     assert not problems, "the shipped model's result on the sample moved:\n" + "\n".join(problems)
 
 
-def test_the_comparison_sees_a_moved_result(tmp_path):
+def test_the_comparison_sees_a_moved_result(tmp_path, load_tool):
     """The tolerances are tight enough to catch a one-pixel-wide shift of a muscle's border."""
     import numpy as np
 
-    golden = _tool()
+    golden = load_tool("make_golden")
     ref = np.load(golden.GOLDEN_DIR / golden.LABELS_FILE)["labels"]
     table = golden.read_table(golden.GOLDEN_DIR / golden.TABLE_FILE)
     assert golden.compare(ref, table) == []

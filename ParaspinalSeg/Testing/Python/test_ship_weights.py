@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-TOOL = Path(__file__).resolve().parents[3] / "tools" / "ship_weights.py"
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("ship_weights", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_shipped_pair_keeps_the_tensors_and_the_checksum(tmp_path, save_tiny_weights):
+def test_shipped_pair_keeps_the_tensors_and_the_checksum(tmp_path, save_tiny_weights, load_tool):
     pytest.importorskip("torch")
     from ParaspinalSegLib.weights import read_weights_config
 
     source = save_tiny_weights(tmp_path / "trained" / "final")
-    shipped = _tool().ship_weights(source, tmp_path / "models", description="two sources; canal and lamina derived")
+    shipped = load_tool("ship_weights").ship_weights(source, tmp_path / "models", description="two sources; canal and lamina derived")
     src, dst = read_weights_config(source), read_weights_config(shipped)
     assert shipped == tmp_path / "models" / "bsesnet_default.json"
     assert dst.name == "bsesnet_default" and dst.weights_file == "bsesnet_default.safetensors"
@@ -39,11 +28,11 @@ def test_shipped_pair_keeps_the_tensors_and_the_checksum(tmp_path, save_tiny_wei
     assert not list((tmp_path / "models").glob("*.tmp"))
 
 
-def test_damaged_source_is_refused_and_nothing_is_written(tmp_path, save_tiny_weights, tampered_weights):
+def test_damaged_source_is_refused_and_nothing_is_written(tmp_path, save_tiny_weights, tampered_weights, load_tool):
     pytest.importorskip("torch")
     from ParaspinalSegLib.errors import ParaspinalSegError
 
     bad = tampered_weights(save_tiny_weights(tmp_path / "trained" / "tiny"))  # the fixture keeps the stem "tiny"
     with pytest.raises(ParaspinalSegError, match="(?i)sha-?256|checksum"):
-        _tool().ship_weights(bad, tmp_path / "models")
+        load_tool("ship_weights").ship_weights(bad, tmp_path / "models")
     assert not (tmp_path / "models").exists()
