@@ -148,7 +148,8 @@ def test_torchrun_two_process_gloo(tmp_path):
                 im.SetMetaData(f"Segment{i}_Layer", "0")
         sitk.WriteImage(im, str(tmp_path / name))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'ParaspinalSeg'}{os.pathsep}{ROOT}"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    # --standalone: the rendezvous store takes a free port, so two suites on one machine never collide.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "training.train", "--config", str(cfg_path), "--pair", str(tmp_path / "v.nrrd"), str(tmp_path / "v.seg.nrrd"),
            "--out", str(tmp_path / "run"), "--device", "cpu", "--all"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
