@@ -86,7 +86,8 @@ def compare(labels: np.ndarray, table: list[dict[str, str]], golden_dir: Path = 
         return problems + [f"table rows {sorted(rows)} != reference {sorted(ref_rows)}"]
     for key, r in rows.items():
         g = ref_rows[key]
-        for column in ("Found", "Method"):
+        # The canal's grade and the quality-control verdict are what a user reads first: exact.
+        for column in ("Found", "Method", "Stenosis grade", "QC"):
             if r[column] != g[column]:
                 problems.append(f"{key} {column}: {r[column]!r} != reference {g[column]!r}")
         for column in ("CSA (mm2)", "Functional CSA (mm2)", "Threshold"):

@@ -55,7 +55,7 @@ COLUMNS: tuple[Column, ...] = (
            "Muscles only, when water and fat images (or a fat-fraction map) were given: mean signal fat fraction "
            "F/(W+F) over the muscle's pixels above the noise floor"),
     Column("stenosis_grade", "Stenosis grade", "string", "", "Central stenosis grade (dural-sac CSA)",
-           "Canal row only: normal (CSA >= 100 mm2), relative (75 to 100 mm2) or absolute (< 75 mm2) stenosis "
+           "Canal row only: normal (CSA >= 100 mm2), relative (75 mm2 <= CSA < 100 mm2) or absolute (< 75 mm2) stenosis "
            "(Schonstrom 1985, Hamanishi 1994); an area grade on a disc-level slice, not a Schizas grade"),
     Column("qc", "QC", "string", "", "Quality control",
            "ok, or check: why this segment needs another look (plausibility checks without ground truth; "

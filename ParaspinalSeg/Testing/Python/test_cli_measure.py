@@ -36,6 +36,9 @@ def _volume_and_labels(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
                 continue  # missing right multifidus on slice 1
             lab[k, r0:r1, c0:c1] = v
             img[k, r0:r1, c0:c1] = 300.0 if v != 1 else 1000.0
+        if k == 0:  # a canal (48 px × 0.88 mm²: absolute stenosis) and a lamina between the muscles
+            lab[k, 12:20, 22:28], img[k, 12:20, 22:28] = 2, 1000.0
+            lab[k, 35:38, 22:28], img[k, 35:38, 22:28] = 3, 900.0
         muscle = np.argwhere(np.isin(lab[k], (6, 7, 8, 9)))
         pick = muscle[rng.choice(len(muscle), len(muscle) // 8, replace=False)]
         img[k, pick[:, 0], pick[:, 1]] = 900.0
@@ -85,9 +88,14 @@ def test_measure_label_image_matches_library(tmp_path, ext, method):
                 want = getattr(e, col)
                 assert (g[col] == "") if want is None else (float(g[col]) == pytest.approx(want, rel=1e-9)), (col, g[col], want)
             assert g["method"] == e.method
+            assert g["stenosis_grade"] == (e.stenosis_grade or "")
     # the missing right multifidus on slice 1 is an explicit not-found row with empty numbers
     miss = [r for r in rows if r["slice"] == "1" and r["segment_id"] == "multifidus_right"][0]
     assert miss["found"] == "no" and miss["csa_mm2"] == "" and miss["fat_percent"] == ""
+    # the canal row carries its grade; canal and lamina get a CSA and no fat %
+    canal, lamina = ([r for r in rows if r["slice"] == "0" and r["segment_id"] == key][0] for key in ("spinal_canal", "lamina"))
+    assert canal["stenosis_grade"] == "absolute" and float(canal["csa_mm2"]) == pytest.approx(48 * 0.88, rel=1e-6)
+    assert canal["fat_percent"] == lamina["fat_percent"] == lamina["stenosis_grade"] == "" and lamina["found"] == "yes"
     # non-square pixels: CSA of the left multifidus = 15 × 10 px × 0.8 × 1.1 mm²
     mf = [r for r in rows if r["slice"] == "0" and r["segment_id"] == "multifidus_left"][0]
     assert float(mf["csa_mm2"]) == pytest.approx(150 * 0.88, rel=1e-6)

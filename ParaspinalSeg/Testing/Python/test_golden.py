@@ -2,8 +2,8 @@
 ``paraspinalseg segment``, must give the stored label map and measurement table (``golden/``).
 
 Tolerances per structure (``tools/make_golden.py``): at most 1 % of the structure's reference pixels (at
-least 3) may change label; CSA, functional CSA and threshold within 1 %; fat % within 0.5 points; found /
-method exactly. A change that moves the result on purpose regenerates the reference with
+least 3) may change label; CSA, functional CSA and threshold within 1 %; fat % within 0.5 points; found,
+method, the canal's stenosis grade and the QC verdict exactly. A change that moves the result on purpose regenerates the reference with
 ``python tools/make_golden.py`` in the same commit.
 """
 
@@ -36,3 +36,8 @@ def test_the_comparison_sees_a_moved_result(tmp_path, load_tool):
     assert any("left multifidus" in p for p in golden.compare(moved, table))
     table[5]["Fat (%)"] = str(float(table[5]["Fat (%)"] or 0) + 1.0)
     assert any("fat %" in p for p in golden.compare(ref, table))
+    table = golden.read_table(golden.GOLDEN_DIR / golden.TABLE_FILE)
+    canal = next(r for r in table if r["Segment ID"] == "spinal_canal")
+    canal["Stenosis grade"], table[0]["QC"] = "relative", "check: implausible area"
+    problems = golden.compare(ref, table)
+    assert any("spinal_canal Stenosis grade" in p for p in problems) and any(" QC:" in p for p in problems)

@@ -105,9 +105,10 @@ def test_shipped_model_areas_do_not_depend_on_the_pixel_grid_on_dev_slices():
     pytest.importorskip("torch")
     from ParaspinalSegLib.segmenter import SliceSegmenter
 
-    # The spine window (one 0.8 mm scale): the shipped weights keep their field-of-view window until they are
-    # retrained, but they were trained on sy slices at 0.8 mm, so on sy slices they measure the pipeline.
-    seg = SliceSegmenter(WEIGHTS, window="spine")
+    seg = SliceSegmenter(WEIGHTS)
+    # The shipped weights record the spine window (one 0.8 mm scale on a crop centred on the spine): the
+    # window this test is about. A model card that lost it would make the test pass for the wrong reason.
+    assert seg.model_input.window == "spine"
     rows = list(csv.DictReader(open(DATA / "manifest.csv", newline="", encoding="utf-8")))
     failures = []
     for row in rows[:: len(rows) // 5][:5]:

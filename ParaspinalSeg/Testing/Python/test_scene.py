@@ -490,12 +490,18 @@ def test_canal_row_carries_its_stenosis_grade_into_table_and_csv(mrml_scene, mak
     labels = np.zeros((40, 40), np.uint8)
     labels[5:14, 5:14] = 2  # 81 px of 1 mm²: relative stenosis (75 ≤ CSA < 100)
     labels[20:30, 20:30] = 3
-    rows = measure_slice(np.ones(labels.shape), labels, (1.0, 1.0))
+    labels[15:35, 32:40] = 6  # a multifidus with a fatty band, so the slice has a fat threshold
+    image = np.full(labels.shape, 400.0) + np.random.default_rng(0).normal(0, 10, labels.shape)
+    image[20:35, 32:40] -= 300
+    rows = measure_slice(image, labels, (1.0, 1.0))
     table = writers.get_or_create_measurement_table(mrml_scene)
     writers.write_measurement_rows(table, rows, volume=vol, slice_index=1, level="L4/L5")
     got = {r["segment_id"]: r for r in writers.rows_from_table(table)}
     assert got["spinal_canal"]["stenosis_grade"] == "relative"
     assert got["lamina"]["stenosis_grade"] == "" and got["psoas_major_left"]["stenosis_grade"] == ""
+    # Canal and lamina get a CSA only: no fat % even on a slice where the muscle has one.
+    assert got["multifidus_left"]["fat_percent"] == pytest.approx(25.0)
+    assert all(math.isnan(got[k]["fat_percent"]) for k in ("spinal_canal", "lamina"))  # empty double cell
 
     path = tmp_path / "m.csv"
     writers.table_to_csv(table, path)
@@ -504,3 +510,4 @@ def test_canal_row_carries_its_stenosis_grade_into_table_and_csv(mrml_scene, mak
     col = records[0].index("Stenosis grade")
     canal = next(r for r in records[1:] if r[records[0].index("Segment ID")] == "spinal_canal")
     assert canal[col] == "relative" and canal[records[0].index("CSA (mm2)")] == "81"
+    assert canal[records[0].index("Fat (%)")] == ""

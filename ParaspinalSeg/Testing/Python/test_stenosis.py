@@ -52,13 +52,19 @@ def test_measure_slice_grades_the_canal_row_only(side_px, grade):
     labels = np.zeros((64, 64), np.uint8)
     labels[10 : 10 + side_px, 10 : 10 + side_px] = 2
     labels[40:50, 40:50] = 3
-    image = np.full(labels.shape, 100.0)
+    labels[30:50, 5:25] = 6  # a left multifidus, so the slice has a fat threshold
+    # Fat-bright everywhere (canal and lamina included) but a lean muscle with a fatty band: a fat %
+    # exists on this slice, and the canal and lamina would get 100 % if they were measured for it.
+    image = np.full(labels.shape, 400.0) + np.random.default_rng(0).normal(0, 10, labels.shape)
+    image[35:50, 5:25] -= 300
     rows = {r.key: r for r in measure_slice(image, labels, (1.0, 1.0))}
+    assert rows["multifidus_left"].fat_percent == pytest.approx(25.0)
     assert rows["spinal_canal"].csa_mm2 == pytest.approx(side_px**2)
     assert rows["spinal_canal"].stenosis_grade == grade
-    assert rows["spinal_canal"].fat_percent is None
+    assert rows["spinal_canal"].fat_percent is None and rows["spinal_canal"].functional_csa_mm2 is None
     assert rows["lamina"].csa_mm2 == pytest.approx(100.0)
     assert rows["lamina"].stenosis_grade is None and rows["lamina"].fat_percent is None
+    assert rows["multifidus_left"].stenosis_grade is None
     assert rows["intervertebral_disc"].stenosis_grade is None  # not found: no grade either
 
 
