@@ -97,14 +97,18 @@ def scored_structures(r: SliceRecord, learned: Sequence[int]) -> tuple[list[int]
 
 
 def structure_dice(pred: np.ndarray, r: SliceRecord, structures: Sequence[int]) -> dict[int, float]:
-    """Dice per structure (255 ignored); a structure absent from both prediction and labels is left out."""
-    known = r.labels != 255
-    scores = {int(v): dice(pred[known] == v, r.labels[known] == v) for v in structures}
+    """Dice per structure, as the cross-validation scores it; a structure absent from both is left out.
+
+    ``structures`` are ones the slice's source annotates, so a 255 pixel is "not this structure" (the data
+    README's guarantee, :mod:`training.metrics`): a prediction painted into the not-annotated band is a
+    false positive here too, and the good / bad split agrees with the CV's per-slice Dice.
+    """
+    scores = {int(v): dice(pred == v, r.labels == v) for v in structures}
     return {v: s for v, s in scores.items() if np.isfinite(s)}
 
 
 def slice_dice(pred: np.ndarray, r: SliceRecord, learned: Sequence[int]) -> Optional[float]:
-    """Mean Dice over the slice's manually labelled structures that the model learned (255 ignored)."""
+    """Mean Dice over the slice's manually labelled structures that the model learned (:func:`structure_dice`)."""
     scores = structure_dice(pred, r, scored_structures(r, learned)[0])
     return float(np.mean(list(scores.values()))) if scores else None
 

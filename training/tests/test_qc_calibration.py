@@ -36,11 +36,16 @@ def test_broken_inputs_change_the_header_or_the_pixels_as_named():
     assert not np.isin(r.labels[:, :16], (1, 4, 5, 6, 7, 8, 9)).any()
 
 
-def test_slice_dice_ignores_not_annotated_pixels():
+def test_slice_dice_scores_the_not_annotated_band_as_the_cv_does():
+    from training.metrics import score_slice
+
     r = synthetic_slice(n=64)
     assert slice_dice(np.where(r.labels == 255, 0, r.labels), r, range(1, 10)) == 1.0
-    pred = np.where(r.labels == 255, 1, r.labels)  # 255 pixels painted as disc: not counted
-    assert slice_dice(pred, r, range(1, 10)) == 1.0
+    pred = np.where(r.labels == 255, 1, r.labels)  # 255 pixels painted as disc: false positives, as in the CV
+    disc = structure_dice(pred, r, [1])[1]
+    assert disc < 1.0
+    cv = {row["structure"]: row["dice"] for row in score_slice(pred, r.labels, [1], (1.0, 1.0))}
+    assert abs(disc - cv[1]) < 1e-12
     pred = r.labels.copy()
     pred[pred == 6] = 0
     assert abs(slice_dice(pred, r, range(1, 10)) - 6 / 7) < 1e-9
