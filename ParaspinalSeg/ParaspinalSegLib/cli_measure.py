@@ -7,7 +7,9 @@ segmentations are measured the same way. ``cli.py`` calls :func:`register`; :fun
 
 Slices are ITK slices ``k`` (the third image index, ``arr[k]`` of SimpleITK's array); pixel spacing comes
 from the volume header. A segmentation whose grid differs from the volume's (e.g. a ``.seg.nrrd`` cropped
-to its extent) is resampled onto the volume's grid with nearest-neighbour interpolation.
+to its extent) is resampled onto the volume's grid with nearest-neighbour interpolation; one whose labels
+reach outside the volume is refused (:func:`segfile.check_inside`). Every measured slice first passes
+``segment``'s own checks (:func:`slice_outputs.check_slice`: not constant, finite, axial).
 The CSV has the columns of ``segment``'s ``<name>_measurements.csv`` (so the two concatenate), then pixel
 count, mean and SD intensity and the segmentation file. Needs SimpleITK and numpy only.
 """
@@ -112,6 +114,7 @@ def measure_files(
     from .scene import slice_position_mm
     from .preprocessing import pixel_spacing, slice_geometry_from_volume
     from .qc import run_checks, with_qc
+    from .slice_outputs import check_slice
     from .volume_io import check_slice_geometry, itk_image_like, read_volume, volume_name
 
     # The same reader as `segment`: NIfTI/NRRD/DICOM folders, scalar 2-D/3-D volumes, clear errors.
@@ -132,8 +135,9 @@ def measure_files(
         ks = [check_slice_index(slice_index, image.shape[0], volume.name)]
     else:
         ks = [k for k in range(image.shape[0]) if np.isin(labels[k], list(anatomy.BY_VALUE)).any()]
-        if not ks:
-            notes.append("the segmentation has none of the nine structures on any slice")
+        if not ks:  # a CSV of headers only would read as "measured, nothing there"
+            raise MeasureError(f"{Path(segmentation_path).name} has none of the nine structures on any slice of "
+                               f"{volume.name}: nothing to measure")
 
     bad = ~np.isfinite(image)
     if bad.any():
@@ -142,11 +146,16 @@ def measure_files(
             f"{volume.name} has {int(bad.sum())} NaN or infinite voxels (slices {', '.join(map(str, slices[:5]))}"
             f"{', …' if len(slices) > 5 else ''}): fat thresholds and intensities cannot be measured; fix the file"
         )
+    for k in ks:  # `segment`'s checks, every slice before any is measured: not constant, axial, ...
+        notes += [w for w in check_slice(volume, k) if w not in notes]
     rows: list[dict[str, Any]] = []
     asym_rows: list[dict[str, Any]] = []
     for k in ks:
         geometry = slice_geometry_from_volume(volume.ijk_to_ras, k)
-        fraction = None if dixon is None else dixon.fraction_map(image[k].shape, geometry).fraction
+        try:
+            fraction = None if dixon is None else dixon.fraction_map(image[k].shape, geometry, labels[k]).fraction
+        except InputError as exc:
+            raise MeasureError(f"slice {k}: {exc}") from None
         # A segmentation from a file has no probabilities or detector boxes: layout, shape and image checks.
         recs = with_qc(measure_slice(image[k], labels[k], spacing, method, fat_fraction=fraction),
                        run_checks(labels[k], image[k], geometry))

@@ -16,7 +16,9 @@ non-finite pixels are left out. Map values are fractions in [0, 1]; a map whose 
 **Grids.** The water/fat images (or the map) are sampled onto the segmented slice's pixels through both
 images' IJK-to-RAS matrices (trilinear; the same grid is used as it is, without interpolation). Pixels that
 fall outside the Dixon image are left out like noise pixels; images that do not overlap the segmented
-slice at all are refused with an :class:`~ParaspinalSegLib.errors.InputError`.
+slice at all are refused with an :class:`~ParaspinalSegLib.errors.InputError`, and so are images that give
+none of the slice's muscle pixels a value (:func:`check_muscles_covered`: outside them, NaN there, or below
+the noise floor), which would otherwise leave the Dixon column silently empty.
 
 numpy + scipy only (the Slicer module calls it on volume nodes' arrays).
 """
@@ -28,6 +30,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from .anatomy import MUSCLE_VALUES
 from .errors import InputError
 
 #: Default noise floor: pixels with W + F below this fraction of the slice's 99th percentile of W + F are left out.
@@ -89,20 +92,34 @@ class DixonSource:
         for k in {ks[0], ks[-1]} if ks else set():
             self.fraction_map(tuple(volume_shape[1:3]), slice_geometry_from_volume(volume_ijk_to_ras, k))
 
-    def fraction_map(self, shape: tuple[int, int], slice_ijk_to_ras: np.ndarray) -> "SliceFatFraction":
-        """Per-pixel fat fraction in [0, 1] on the segmented slice (NaN = left out), with what was done."""
+    def fraction_map(self, shape: tuple[int, int], slice_ijk_to_ras: np.ndarray,
+                     labels: Optional[np.ndarray] = None) -> "SliceFatFraction":
+        """Per-pixel fat fraction in [0, 1] on the segmented slice (NaN = left out), with what was done.
+
+        ``labels``: the slice's label map; when given, Dixon images that leave every muscle pixel of it
+        without a value (outside them, non-finite there, or below the noise floor) are refused with an
+        :class:`InputError` rather than giving an empty Dixon column (:func:`check_muscles_covered`)."""
         if self.fat_fraction_map is not None:
             ff, inside, resampled = sample_onto_slice(self.fat_fraction_map, shape, slice_ijk_to_ras)
-            percent = bool(np.nanmax(ff) > PERCENT_MAP_LIMIT) if inside.any() else False
+            finite = np.isfinite(ff)
+            percent = bool(ff[finite].max() > PERCENT_MAP_LIMIT) if finite.any() else False
             if percent:
                 ff = ff / 100.0
-            ff = np.where(np.isfinite(ff), np.clip(ff, 0.0, 1.0), np.nan)
-            return SliceFatFraction(ff, None, resampled, "map in percent" if percent else "map")
-        assert self.water is not None and self.fat is not None
-        w, inside_w, res_w = sample_onto_slice(self.water, shape, slice_ijk_to_ras)
-        f, inside_f, res_f = sample_onto_slice(self.fat, shape, slice_ijk_to_ras)
-        ff, floor = signal_fat_fraction(w, f, self.noise_floor)
-        return SliceFatFraction(ff, floor, res_w or res_f, "water/fat")
+            ff = np.where(finite, np.clip(ff, 0.0, 1.0), np.nan)
+            result = SliceFatFraction(ff, None, resampled, "map in percent" if percent else "map")
+            what, reason = f"the fat-fraction map{_quoted(self.fat_fraction_map)}", "no finite value"
+        else:
+            assert self.water is not None and self.fat is not None
+            w, inside_w, res_w = sample_onto_slice(self.water, shape, slice_ijk_to_ras)
+            f, inside_f, res_f = sample_onto_slice(self.fat, shape, slice_ijk_to_ras)
+            ff, floor = signal_fat_fraction(w, f, self.noise_floor)
+            result = SliceFatFraction(ff, floor, res_w or res_f, "water/fat")
+            inside = inside_w & inside_f
+            what = f"the water and fat images{_quoted(self.water, self.fat)}"
+            reason = f"no pixel with W + F at or above the noise floor ({floor:g})"
+        if labels is not None:
+            check_muscles_covered(result.fraction, inside, labels, what, reason)
+        return result
 
 
 @dataclass
@@ -120,6 +137,28 @@ class SliceFatFraction:
     def percent_per_structure(self, labels: np.ndarray, values: Iterable[int]) -> dict[int, Optional[float]]:
         """Mean fat fraction (%) over each structure's counted pixels; None where no pixel counts."""
         return dixon_fat_fraction_percent(self.fraction, labels, values)
+
+
+def check_muscles_covered(fraction: np.ndarray, inside: np.ndarray, labels: np.ndarray,
+                          what: str = "the Dixon images", reason: str = "no finite value") -> None:
+    """Refuse (:class:`InputError`) Dixon images that give none of the slice's muscle pixels a value.
+
+    ``fraction``: the slice's fat-fraction map (NaN = left out); ``inside``: pixels inside the Dixon
+    images; ``what`` names the images, ``reason`` says why a pixel inside them gets no value. A slice without muscle pixels
+    passes (there is nothing to measure); muscles covered in part are measured on the pixels that have a
+    value."""
+    lab = np.asarray(labels)
+    muscle = np.isin(lab, MUSCLE_VALUES)
+    if lab.shape != np.shape(fraction) or not muscle.any():
+        return
+    if np.isfinite(fraction[muscle]).any():
+        return
+    n = int(muscle.sum())
+    if not np.asarray(inside)[muscle].any():
+        raise InputError(f"none of the {n} muscle pixels of the segmented slice lie inside {what} (they meet the "
+                         "slice only outside the muscles): give Dixon images of the segmented slices")
+    raise InputError(f"{what}: {reason} on any of the {n} muscle pixels of the segmented slice, so the Dixon fat "
+                     "fraction cannot be measured")
 
 
 def signal_fat_fraction(water: np.ndarray, fat: np.ndarray, noise_floor: Optional[float] = None
@@ -204,6 +243,12 @@ def sample_onto_slice(image: DixonImage, shape: tuple[int, int], slice_ijk_to_ra
     values = ndimage.map_coordinates(arr.astype(np.float64), np.clip(kji, 0, extent), order=1, mode="nearest")
     values[~inside] = np.nan
     return values.reshape(n0, n1), inside.reshape(n0, n1), True
+
+
+def _quoted(*images: DixonImage) -> str:
+    """`` ('water', 'fat')`` for named images, empty when they have no names."""
+    names = [f"'{i.name}'" for i in images if i.name]
+    return f" ({', '.join(names)})" if names else ""
 
 
 def _label(image: DixonImage) -> str:

@@ -20,9 +20,10 @@ import numpy as np
 
 from . import anatomy
 from .errors import InputError
-from .file_integrity import check_file_complete
 
-__all__ = ["SegmentEntry", "SegmentationLabels", "segment_entries", "structure_of_segment", "read_segmentation"]
+__all__ = [
+    "SegmentEntry", "SegmentationLabels", "segment_entries", "structure_of_segment", "check_inside", "read_segmentation",
+]
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,52 @@ def _onto(image: Any, reference: Any) -> Any:
     return sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, image.GetPixelID())
 
 
+#: How far (in the volume's voxels) beyond the outermost voxel centres a labelled voxel's centre may lie and
+#: still count as inside. Nearest-neighbour resampling keeps a labelled voxel whose centre falls within the
+#: volume's voxels (up to half a voxel past the edge centres) and has nowhere to put one beyond: those are
+#: the voxels lost. The 1e-3 absorbs the round-off of origins and spacings stored as decimal text or float32.
+OUTSIDE_TOLERANCE_VOXELS = 0.5 + 1e-3
+
+
+def check_inside(image: Any, reference: Any, name: str) -> None:
+    """Refuse (:class:`InputError`) a label image on another grid whose labelled (non-zero) voxels reach
+    beyond ``reference``'s grid: resampling onto the volume would drop them without a word (half the
+    muscles gone, a CSV of empty rows). The message gives how many and what share lie outside."""
+    import SimpleITK as sitk
+
+    if image.GetDimension() != reference.GetDimension():
+        return  # refused with its own message when resampled
+    values = sitk.GetArrayViewFromImage(image)
+    labelled = values != 0
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        labelled = labelled.any(axis=-1)
+    index = np.argwhere(labelled)[:, ::-1].astype(np.float64)  # (i, j, k) of each labelled voxel
+    if not index.size:
+        return
+    dim = image.GetDimension()
+
+    def index_to_physical(im: Any) -> np.ndarray:
+        return np.asarray(im.GetDirection(), float).reshape(dim, dim) * np.asarray(im.GetSpacing(), float)[None, :]
+
+    physical = index @ index_to_physical(image).T + np.asarray(image.GetOrigin(), float)
+    continuous = np.linalg.solve(index_to_physical(reference), (physical - np.asarray(reference.GetOrigin(), float)).T).T
+    size = np.asarray(reference.GetSize(), float)
+    outside = np.any((continuous < -OUTSIDE_TOLERANCE_VOXELS) | (continuous > size - 1 + OUTSIDE_TOLERANCE_VOXELS), axis=1)
+    n_out, n = int(outside.sum()), len(outside)
+    if n_out == n:
+        raise InputError(
+            f"{name} does not overlap the volume: all {n} labelled voxels lie outside its grid (the segmentation "
+            "of another volume, or a wrong origin or orientation?)"
+        )
+    if n_out:
+        share = 100.0 * n_out / n
+        share_text = f"{share:.1f} %" if share >= 0.05 else "under 0.1 %"
+        raise InputError(
+            f"{name} reaches outside the volume: {n_out} of its {n} labelled voxels ({share_text}) lie outside "
+            "the volume's grid and would be lost (the segmentation of another volume, or a shifted origin?)"
+        )
+
+
 def check_label_values(values: np.ndarray, name: str) -> None:
     """Refuse an array that cannot be a label map (e.g. the image given as its own segmentation):
     NaN/Inf, non-integer values, or values outside 0..255 (label maps hold the table's small integers)."""
@@ -139,14 +186,12 @@ def read_segmentation(path: str | Path, reference: Any = None, unknown_value: in
     """
     import SimpleITK as sitk
 
-    check_file_complete(path)  # a truncated label file would read as zeros: wrong areas, no error
-    from .volume_io import quiet_itk
+    from .volume_io import read_image
 
-    try:
-        with quiet_itk():
-            image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise InputError(f"cannot read segmentation {path}: {exc}") from None
+    # Missing paths, folders, truncated files (they would read as zeros) and unreadable ones: one line each.
+    image = read_image(path, "a label image")
+    if reference is not None and not _same_grid(image, reference):
+        check_inside(image, reference, Path(path).name)
     metadata = {key: image.GetMetaData(key) for key in image.GetMetaDataKeys()}
     entries = segment_entries(metadata)
     components = image.GetNumberOfComponentsPerPixel()

@@ -111,10 +111,19 @@ def resolve_slice(volume: Volume, k: Optional[int]) -> int:
 
 
 def check_slice(volume: Volume, k: int) -> list[str]:
-    """Refuse a slice that cannot be segmented (all one value, NaN, impossible geometry, ...) before any
-    model is loaded; return warnings about unusual geometry (:func:`volume_io.check_slice_geometry`)."""
+    """Refuse a slice that cannot be segmented or measured (all one value, NaN, impossible geometry, not
+    axial, ...) before any model is loaded; return warnings about unusual geometry
+    (:func:`volume_io.check_slice_geometry`). ``segment``, ``batch`` and ``measure`` all call it."""
+    from .errors import NonAxialSliceError
+    from .preprocessing import canonical_orientation, slice_geometry_from_volume
+
     warnings = check_slice_geometry(volume)
-    validate_slice(volume.array[k], f"slice {k} of '{volume.name}'")
+    where = f"slice {k} of '{volume.name}'"
+    validate_slice(volume.array[k], where)
+    try:  # the segmenter's own test (more than 30 degrees off axial), here so it refuses before the model loads
+        canonical_orientation(slice_geometry_from_volume(volume.ijk_to_ras, k))
+    except NonAxialSliceError as exc:
+        raise NonAxialSliceError(f"{where}: {exc}") from None
     return warnings
 
 

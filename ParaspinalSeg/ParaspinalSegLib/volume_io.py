@@ -134,12 +134,12 @@ def quiet_itk() -> Iterator[None]:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
-def _read_dicom_folder(folder: Path):
+def _read_dicom_folder(folder: Path, what: str = "an image volume"):
     with preserved_locale():
-        return _read_dicom_series(folder)
+        return _read_dicom_series(folder, what)
 
 
-def _read_dicom_series(folder: Path):
+def _read_dicom_series(folder: Path, what: str = "an image volume"):
     import SimpleITK as sitk
 
     # GDCM warns on stderr ("No Series were found") for folders without DICOM; we say it in one line.
@@ -149,7 +149,9 @@ def _read_dicom_series(folder: Path):
     except RuntimeError as exc:  # pragma: no cover - GDCM error on odd folders
         raise InputError(f"cannot read DICOM folder {folder}: {_first_line(exc)}") from None
     if not series:
-        raise InputError(f"{folder} is a folder without DICOM images (give a volume file or a DICOM series folder)")
+        if what == "an image volume":
+            raise InputError(f"{folder} is a folder without DICOM images (give a volume file or a DICOM series folder)")
+        raise InputError(f"{folder} is a folder, not {what} (it holds no DICOM series; give {what} file)")
     if len(series) > 1:
         raise InputError(
             f"{folder} holds {len(series)} DICOM series ({', '.join(series)}); put one series per folder"
@@ -236,10 +238,14 @@ def check_series_layout(files: Sequence[str], folder: Path) -> None:
 def _first_line(exc: Exception) -> str:
     """ITK exception texts span several lines with source paths; keep the one that says what went wrong."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        m = re.match(r"^(?:sitk::ERROR|itk::ERROR|Description)\s*:\s*(.+)$", ln, re.IGNORECASE)
+    for n in range(len(lines) - 1, -1, -1):
+        # "… .cxx:410: itk::ERROR: NrrdImageIO(0x55fa…): ReadImageInformation: Error reading x.nrrd:" → "Error …"
+        m = re.search(r"(?:^|\s)(?:sitk::ERROR|itk::ERROR|Description)\s*:\s*(.+)$", lines[n], re.IGNORECASE)
         if m:
-            return m.group(1)
+            text = re.sub(r"^\w+\(0x[0-9a-fA-F]+\):\s*(?:ReadImageInformation:\s*)?", "", m.group(1)).strip()
+            if text.endswith(":") and n + 1 < len(lines):  # the reader's own last word follows ("[nrrd] f: …")
+                text += " " + re.sub(r"^\[\w+\]\s*\w+:\s*", "", lines[-1])
+            return text or type(exc).__name__
     return lines[-1] if lines else type(exc).__name__
 
 
@@ -273,6 +279,32 @@ def _restore_nifti_non_finite(path: Path, array: np.ndarray) -> np.ndarray:
     return restored
 
 
+def read_image(path: str | os.PathLike, what: str = "an image volume"):
+    """The SimpleITK image of a file or a DICOM series folder, every failure an :class:`InputError` of one line.
+
+    The one place the command line opens image files (volumes, label images, Dixon images): a missing path,
+    a folder without a DICOM series (``what`` names what was expected, e.g. ``"a label image"``), a truncated
+    file (:func:`file_integrity.check_file_complete`) and a file ITK cannot read are refused in one sentence.
+    Folders are never handed to ``sitk.ReadImage``: ITK's HDF5 reader probes them and prints its C error
+    stack (27 ``HDF5-DIAG`` lines) on stderr, which no warning switch turns off.
+    """
+    import SimpleITK as sitk
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"no such file or folder: {p}")
+    if p.is_dir():
+        return _read_dicom_folder(p, what)
+    if not p.is_file():
+        raise InputError(f"{p} is not a regular file (a device or pipe?); give {what} file")
+    check_file_complete(p)  # before ITK reads: it pads a truncated NIfTI with zeros
+    try:
+        with quiet_itk():
+            return sitk.ReadImage(str(p))
+    except RuntimeError as exc:
+        raise InputError(f"cannot read {p} as {what} ({_first_line(exc)})") from None
+
+
 def read_volume(path: str | os.PathLike) -> Volume:
     """Read a NIfTI, NRRD (or any SimpleITK-readable) file or a DICOM series folder as a scalar volume.
 
@@ -282,20 +314,10 @@ def read_volume(path: str | os.PathLike) -> Volume:
     """
     import SimpleITK as sitk
 
-    p = Path(path)
     if not str(path):
         raise InputError("no volume given")
-    if not p.exists():
-        raise InputError(f"no such file or folder: {p}")
-    if p.is_dir():
-        image = _read_dicom_folder(p)
-    else:
-        check_file_complete(p)  # before ITK reads: it pads a truncated NIfTI with zeros
-        try:
-            with quiet_itk():
-                image = sitk.ReadImage(str(p))
-        except RuntimeError as exc:
-            raise InputError(f"cannot read {p} as an image volume ({_first_line(exc)})") from None
+    p = Path(path)
+    image = read_image(p)
 
     if image.GetNumberOfComponentsPerPixel() > 1:
         raise InputError(

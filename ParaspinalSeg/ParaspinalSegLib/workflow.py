@@ -115,11 +115,11 @@ def check_slice(volume_node: Any, k: Any) -> np.ndarray:
 def _measure(image: np.ndarray, labels: np.ndarray, slice_ijk_to_ras: np.ndarray, method: Any,
              dixon: Any = None) -> list:
     """Measurement records of one slice; ``dixon`` (a :class:`~ParaspinalSegLib.dixon.DixonSource`) adds the
-    Dixon fat fraction of each muscle."""
+    Dixon fat fraction of each muscle (refused when it gives no muscle pixel a value)."""
     from .measurements import measure_slice
 
     try:
-        fraction = None if dixon is None else dixon.fraction_map(image.shape, slice_ijk_to_ras).fraction
+        fraction = None if dixon is None else dixon.fraction_map(image.shape, slice_ijk_to_ras, labels).fraction
         return measure_slice(image, labels, pixel_spacing(slice_ijk_to_ras), method, fat_fraction=fraction)
     except InputError:
         raise

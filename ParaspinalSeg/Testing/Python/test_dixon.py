@@ -222,3 +222,28 @@ def test_tum01_dixon_fat_fraction_within_a_tenth_of_a_point(tmp_path):
             worst = max(worst, abs(float(rows[v]["Dixon fat fraction (%)"]) - expected))
             n += 1
     assert n == 20 and worst < 0.1, worst
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data/myosegmentum_lpm (TUM01 water/fat pairs)")
+def test_segment_refuses_dixon_images_that_meet_the_slice_beside_the_muscles(tmp_path, capsys):
+    """``segment`` with water/fat images that overlap the slice only in a 20-row strip at its anterior edge
+    (the muscles lie 170 rows further back): one line, exit 2, no output folder, rather than an empty
+    Dixon column. The shipped model finds the muscles; the check is the one ``measure`` runs."""
+    pytest.importorskip("torch")
+    sitk = pytest.importorskip("SimpleITK")
+    from ParaspinalSegLib.cli import main
+
+    img = DATA / "TUM01_z10_img.nii.gz"
+    strips = []
+    for name, path in (("w", img), ("f", DATA / "TUM01_z10_fat.nii.gz")):
+        strip = tmp_path / f"strip_{name}.nii.gz"
+        sitk.WriteImage(sitk.ReadImage(str(path))[:, :20, :], str(strip))  # rows j 0-19, origin kept
+        strips.append(strip)
+    out = tmp_path / "out"
+    code = main(["segment", str(img), "--water-image", str(strips[0]), "--fat-image", str(strips[1]),
+                 "--device", "cpu", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("paraspinalseg: error: none of the ") and (
+        "muscle pixels of the segmented slice lie inside the water and fat images ('strip_w', 'strip_f')") in err[0], err
+    assert not out.exists()
