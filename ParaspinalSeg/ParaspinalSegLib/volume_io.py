@@ -149,9 +149,8 @@ def _read_dicom_series(folder: Path, what: str = "an image volume"):
     except RuntimeError as exc:  # pragma: no cover - GDCM error on odd folders
         raise InputError(f"cannot read DICOM folder {folder}: {_first_line(exc)}") from None
     if not series:
-        if what == "an image volume":
-            raise InputError(f"{folder} is a folder without DICOM images (give a volume file or a DICOM series folder)")
-        raise InputError(f"{folder} is a folder, not {what} (it holds no DICOM series; give {what} file)")
+        raise InputError(f"{folder} is a folder without DICOM images, not {what} (give {what} file or a DICOM "
+                         "series folder)")
     if len(series) > 1:
         raise InputError(
             f"{folder} holds {len(series)} DICOM series ({', '.join(series)}); put one series per folder"

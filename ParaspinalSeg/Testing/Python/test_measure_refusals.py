@@ -334,10 +334,9 @@ def test_a_folder_is_refused_in_one_line(case, which):
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1, res.stderr
     assert "HDF5" not in res.stderr and "sitk::" not in res.stderr
-    if which == "segmentation":
-        assert lines[0].startswith(f"paraspinalseg measure: error: {folder} is a folder, not a label image"), lines
-    else:
-        assert lines[0].startswith(f"paraspinalseg measure: error: {folder} is a folder without DICOM images"), lines
+    what = "a label image" if which == "segmentation" else "an image volume"
+    assert lines[0] == (f"paraspinalseg measure: error: {folder} is a folder without DICOM images, not {what} "
+                        f"(give {what} file or a DICOM series folder)"), lines
     assert sorted(os.listdir(d)) == ["a_folder", "img.nii.gz", "lab.nii.gz"]
 
 
