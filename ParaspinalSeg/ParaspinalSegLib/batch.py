@@ -4,9 +4,10 @@ A run into ``DIR`` (see README, "What happens when things go wrong"):
 
 - holds the folder's lock (:class:`runlock.FolderLock`) for its whole life, so a second run into the same
   folder is refused with a message naming the holder;
-- writes each row into its own subfolder ``<volume>_slice<K>``, staged and moved in as a whole
-  (:class:`outputs.StagedOutputs`): a row folder is complete or absent;
-- after every row rewrites, each atomically, ``measurements.csv`` (the tables of the rows done),
+- writes each row into its own subfolder ``<volume>_slice<K>`` (never one of the run's own file names),
+  staged and moved in as a whole (:class:`outputs.StagedOutputs`): a row folder is complete or absent;
+- after every row rewrites, each atomically, ``measurements.csv`` (the tables of the rows done, each row
+  followed by :data:`ROW_COLUMNS`: list row, row folder, volume path),
   ``errors.csv`` (the rows that failed, with the reason) and ``batch_run.json`` (every row's state, the
   settings, and whether the run finished or was interrupted), so at any moment the combined files describe
   exactly the rows the record says are done or failed;
@@ -39,6 +40,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from .batch_list import BatchItem, read_batch_list  # noqa: F401 - read_batch_list: batch's API
 from .errors import InputError, Interrupted, OutputExistsError
 from .interrupts import deferred, raise_pending
 from .outputs import StagedOutputs, atomic_write_text, remove_stale_staging, safe_output_name
@@ -63,107 +65,22 @@ RUN_RECORD = "batch_run.json"
 RUN_FORMAT = "paraspinalseg-batch-run"
 RUN_FORMAT_VERSION = 1
 ERROR_COLUMNS = ("row", "volume", "slice", "level", "error")
-
-@dataclass
-class BatchItem:
-    """One row of a batch list."""
-
-    row: int
-    volume: str
-    slice_index: Optional[int]
-    level: str = ""
-    #: Why the row cannot be run at all (bad slice text), found while reading the list.
-    problem: str = ""
-    #: Dixon images of the row (paths; blank = none): water and fat, or a fat-fraction map.
-    water_image: str = ""
-    fat_image: str = ""
-    fat_fraction_map: str = ""
-
-    def dixon_paths(self) -> tuple[str, str, str]:
-        return self.water_image, self.fat_image, self.fat_fraction_map
-
-
-_HEADER_WORDS = {"volume", "path", "file", "image", "volume_path", "filename"}
-_SLICE_WORDS = {"slice", "k", "slice_index", "index"}
-#: Header names of the optional Dixon columns (without a header: columns 4 and 5 are water and fat).
-_DIXON_COLUMNS = {"water_image": ("water", "water_image", "water image"), "fat_image": ("fat", "fat_image", "fat image"),
-                  "fat_fraction_map": ("fat_fraction_map", "fat fraction map", "ff", "ff_map", "pdff")}
-
-
-def read_batch_list(path: str | os.PathLike) -> list[BatchItem]:
-    """Rows of a batch CSV: ``volume path, slice, level[, water, fat]`` (header optional; ``#`` lines and
-    blanks skipped).
-
-    Relative paths are taken relative to the CSV's folder. A blank slice means "single-slice volume". A
-    slice that is not a whole number is recorded as the row's problem (the run goes on). Dixon images per
-    row: columns 4 and 5 (water, fat), or, with a header, columns named ``water``/``water_image``,
-    ``fat``/``fat_image`` and ``fat_fraction_map`` (any order after the first three).
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"no such batch list: {p}")
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read batch list {p}: {exc}") from None
-    try:
-        dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t")
-    except csv.Error:
-        dialect = csv.excel
-    items: list[BatchItem] = []
-    first = True
-    dixon_index: dict[str, Optional[int]] = {"water_image": 3, "fat_image": 4}
-
-    def path_cell(cells: list[str], i: Optional[int]) -> str:
-        text = cells[i] if i is not None and i < len(cells) else ""
-        return os.path.abspath(p.parent / text) if text else text
-
-    for line_no, cells in enumerate(csv.reader(text.splitlines(), dialect), start=1):
-        cells = [c.strip() for c in cells]
-        if not cells or not any(cells) or cells[0].startswith("#"):
-            continue
-        if first:
-            first = False
-            if _is_header(cells):
-                names = [c.lower() for c in cells]
-                dixon_index = {field: next((i for i, n in enumerate(names) if n in words), None)
-                               for field, words in _DIXON_COLUMNS.items()}
-                continue
-        volume = cells[0]
-        if volume:  # absolute, so a run is the same run whichever folder --resume is started from
-            volume = os.path.abspath(p.parent / volume)
-        slice_text = cells[1] if len(cells) > 1 else ""
-        level = cells[2] if len(cells) > 2 else ""
-        item = BatchItem(row=line_no, volume=volume, slice_index=None, level=level,
-                         **{field: path_cell(cells, i) for field, i in dixon_index.items()})
-        if slice_text:
-            try:
-                item.slice_index = int(slice_text)
-            except ValueError:
-                item.problem = f"slice {slice_text!r} is not a whole number"
-        if not volume:
-            item.problem = "no volume path"
-        items.append(item)
-    if not items:
-        raise InputError(f"batch list {p} has no rows (expected: volume path, slice, level)")
-    return items
-
-
-def _is_header(cells: Sequence[str]) -> bool:
-    """A first row like ``volume,slice,level`` (column names, no slice number)."""
-    first = cells[0].lower()
-    second = cells[1].lower() if len(cells) > 1 else ""
-    return first in _HEADER_WORDS or second in _SLICE_WORDS
+#: Appended to each row of the combined measurements.csv (after the columns of ``segment``'s table): which
+#: list row, row folder and volume file it came from, so two subjects' ``t2_ax`` slice 0 stay apart.
+ROW_COLUMNS = ("List row", "Row folder", "Volume path")
+#: Names in the run folder that belong to the run itself: never a row folder's name.
+RESERVED_NAMES = (COMBINED_MEASUREMENTS, ERRORS_CSV, RUN_RECORD)
 
 
 def _item_folder_name(item: BatchItem, used: set[str]) -> str:
-    """``<volume>_slice<K>`` (or ``<volume>`` without a slice), made unique within the run."""
+    """``<volume>_slice<K>`` (or ``<volume>`` without a slice), made unique within the run; ``used`` holds
+    the names taken, case-folded (a case-insensitive file system would merge ``A`` and ``a``)."""
     vname = safe_output_name(volume_name(item.volume)) if item.volume else "volume"
     base = f"{vname}_slice{item.slice_index}" if item.slice_index is not None else vname
     name, n = base, 2
-    while name in used:
+    while name.casefold() in used:
         name, n = f"{base}_{n}", n + 1
-    used.add(name)
+    used.add(name.casefold())
     return name
 
 
@@ -224,15 +141,16 @@ class BatchRun:
         from .scene import CSV_COLUMNS, csv_header
 
         header: list[str] = [csv_header(c) for c in CSV_COLUMNS]
-        body: list[list[str]] = []
+        body: list[list[Any]] = []
         for n, row in enumerate(r for r in self.rows if r.status == "done"):
             head, rows = self.table_of(row)
             if n == 0:
                 header = head
             elif head != header:
                 raise OSError(f"{row.table} has different columns from the other measurement tables")
-            body.extend(rows)
-        return _csv_text([header, *body])
+            source = [row.item.row, row.folder, row.item.volume]
+            body.extend([*r, *source] for r in rows)
+        return _csv_text([[*header, *ROW_COLUMNS], *body])
 
     def _errors_text(self) -> str:
         lines: list[Sequence[Any]] = [ERROR_COLUMNS]
@@ -292,7 +210,7 @@ def _csv_text(rows: Iterable[Sequence[Any]]) -> str:
 
 def plan_rows(items: Sequence[BatchItem]) -> list[RowState]:
     """Each list row with its output folder name (decided from the list alone, so a resumed run finds them)."""
-    used: set[str] = set()
+    used = {n.casefold() for n in RESERVED_NAMES}  # a volume errors.csv.nrrd gets folder errors.csv_2
     return [RowState(item, _item_folder_name(item, used)) for item in items]
 
 

@@ -132,9 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     bat = sub.add_parser(
         "batch",
         help="segment many volumes/slices listed in a CSV with one model load",
-        description="Rows of LIST.csv: volume path, slice, level (header optional; paths relative to the "
-        "CSV's folder; slice may be blank for single-slice volumes). Writes one subfolder per row, a "
-        "combined measurements.csv and errors.csv (rows that failed, with the reason) and batch_run.json "
+        description="Rows of LIST.csv: volume path, slice, level[, water, fat] (header optional: with one, "
+        "columns are read by name; paths relative to the CSV's folder; slice may be blank for single-slice "
+        "volumes). Writes one subfolder per row, a combined measurements.csv (segment's columns, then List row, "
+        "Row folder, Volume path) and errors.csv (rows that failed, with the reason) and batch_run.json "
         "(the state of every row) into DIR, all three rewritten atomically after every row. DIR is locked "
         "while the run lasts; an interrupted run is continued with --resume.",
     )
@@ -160,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
         cli_measure.register(sub)
 
     info = sub.add_parser("info", help="describe a weights file (model card summary)",
-                          description="Print the model card summary of the shipped or given weights.")
+                          description="Print the model card summary of the shipped or given weights, after "
+                          "checking the tensor file's SHA-256 against its config (a mismatch exits 2, as segment).")
     info.add_argument("--weights", default=None, metavar="W", help="weights file; default: the shipped model")
     info.set_defaults(func=_run_info)
     return parser
@@ -256,12 +258,30 @@ def _run_batch(args: argparse.Namespace) -> int:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from .weights import read_weights_config
+    from .weights import read_weights_config, verify_weights_file
 
     config = read_weights_config(args.weights)
+    # The card of a file segment would refuse is refused too (hashlib only: no torch needed).
+    verify_weights_file(config)
     print(config.summary())
     print(f"weights file: {config.weights_path}")
+    print(f"checksum: SHA-256 {config.weights_sha256} verified")
     return 0
+
+
+#: Path arguments: dest → (how ``--help`` names it, what it is); an empty one is refused, never read as ``.``.
+_PATH_ARGUMENTS = {"volume": ("VOLUME", "volume"), "list": ("LIST.csv", "batch list"), "out": ("--out", "output folder"),
+                   "weights": ("--weights", "weights file"), "water_image": ("--water-image", "water image"),
+                   "fat_image": ("--fat-image", "fat image"), "fat_fraction_map": ("--fat-fraction-map", "fat-fraction map")}
+
+
+def _refuse_empty_paths(args: argparse.Namespace) -> None:
+    """``--out "$OUT"`` with ``OUT`` unset is ``--out ""``, which the file system would take as the current
+    folder: refused (exit 2, one line) before anything is read or written."""
+    for dest, (shown, what) in _PATH_ARGUMENTS.items():
+        value = getattr(args, dest, None)
+        if isinstance(value, str) and not value.strip():
+            raise InputError(f"argument {shown}: empty path, no {what} given (an unset shell variable?)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -294,6 +314,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             if not getattr(args, "func", None):
                 parser.print_help()
                 return EXIT_INPUT_ERROR
+        _refuse_empty_paths(args)
         status = int(args.func(args) or 0)
         interrupts.raise_pending()
         return status

@@ -46,6 +46,8 @@ FORMAT_VERSION = 1
 DEFAULT_WEIGHTS = resource("Models/bsesnet_default.json")
 
 PathLike = Union[str, Path]
+#: Suffixes a weights path may have (the pickle ones are recognised in order to be refused with a reason).
+_WEIGHTS_SUFFIXES = (".json", ".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 _REQUIRED_KEYS = (
     "format",
@@ -180,7 +182,7 @@ def _paths(path: PathLike) -> tuple[Path, Path]:
     p = Path(path).expanduser()
     if p.suffix == ".json":
         return p, p.with_suffix(".safetensors")
-    if p.suffix in (".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
+    if p.suffix in _WEIGHTS_SUFFIXES[1:]:
         return p.with_suffix(".json"), p
     return p.with_name(p.name + ".json"), p.with_name(p.name + ".safetensors")
 
@@ -211,6 +213,7 @@ def read_weights_config(path: Optional[PathLike] = None, *, check_label_table: b
     """
     given = _resolve_default(path)
     json_path, weights_path = _paths(given)
+    _refuse_non_weights_path(given, json_path)
     if not json_path.is_file():
         if given.suffix != ".json" and weights_path.is_file():
             _refuse_pickle(weights_path)
@@ -305,6 +308,18 @@ def read_weights_config(path: Optional[PathLike] = None, *, check_label_table: b
         format_version=version,
         json_path=json_path.resolve(),
     )
+
+
+def _refuse_non_weights_path(given: Path, json_path: Path) -> None:
+    """A path that exists but cannot be a weights file (a folder, an image) is named as such, not reported
+    as "not found"."""
+    if given.is_dir():
+        raise WeightsError(f"{given} is a folder, not a weights file: give the model's .json config "
+                           "(or its .safetensors tensors, with the .json beside them)")
+    if given.exists() and given.suffix not in _WEIGHTS_SUFFIXES and not json_path.is_file():
+        raise WeightsError(f"{given} exists but is not a weights file: a model is a .json config plus a "
+                           ".safetensors file of the same name, written by the trainer")
+
 
 
 def _check_model_input(mi: Mapping[str, Any], json_path: Path) -> None:

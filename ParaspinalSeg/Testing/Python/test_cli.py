@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -361,3 +362,86 @@ def test_an_argument_error_is_one_line_with_exit_2(capsys):
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and "finite number" in lines[0] and "--help" in lines[0], err
+
+
+# ----------------------------------------------------------------------------------------------------
+# Path arguments and weights paths that cannot be meant
+
+
+@pytest.mark.parametrize("argv, shown", [
+    (["segment", "{volume}", "--slice", "0", "--out", ""], "--out"),
+    (["segment", "", "--out", "{out}"], "VOLUME"),
+    (["segment", "{volume}", "--slice", "0", "--out", "{out}", "--weights", ""], "--weights"),
+    (["segment", "{volume}", "--slice", "0", "--out", "{out}", "--water-image", " ", "--fat-image", "{volume}"],
+     "--water-image"),
+    (["batch", "{listing}", "--out", ""], "--out"),
+    (["batch", "", "--out", "{out}"], "LIST.csv"),
+    (["info", "--weights", ""], "--weights"),
+], ids=["segment --out", "segment VOLUME", "segment --weights", "segment --water-image", "batch --out",
+        "batch LIST", "info --weights"])
+def test_an_empty_path_argument_is_refused_and_nothing_written(capsys, tmp_path, volume, monkeypatch, argv, shown):
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"{volume},0,L4/L5\n")
+    monkeypatch.chdir(tmp_path)  # where an empty --out would have written
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = cli.main([a.format(volume=volume, out=tmp_path / "out", listing=listing) for a in argv])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == cli.EXIT_INPUT_ERROR and len(lines) == 1, lines
+    assert lines[0].startswith(f"paraspinalseg: error: argument {shown}: empty path, no ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("kind", ["image", "folder", "folder.json"])
+def test_weights_path_that_is_no_weights_file_says_what_it_is(capsys, tmp_path, volume, kind):
+    if kind == "image":
+        given = _write(tmp_path / "t2.nrrd", _anatomy_array())
+        expected = "exists but is not a weights file"
+    else:
+        given = tmp_path / kind
+        given.mkdir()
+        expected = "is a folder, not a weights file"
+    out = tmp_path / "out"
+    for argv in (["segment", volume, "--slice", 0, "--out", out, "--device", "cpu", "--weights", given],
+                 ["info", "--weights", given]):
+        code, _, err = run_cli(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert code == cli.EXIT_INPUT_ERROR and len(lines) == 1 and expected in lines[0], err
+        assert "not found" not in lines[0] and str(given) in lines[0]
+    assert not out.exists()
+
+
+def test_info_verifies_the_checksum_as_segment_does(capsys, tmp_path, volume, weights, tampered_weights):
+    code, stdout, _ = run_cli(capsys, "info", "--weights", weights)
+    sha = json.loads(Path(weights).read_text())["weights_sha256"]
+    assert code == 0 and f"checksum: SHA-256 {sha} verified" in stdout
+
+    bad = tampered_weights(weights)  # one tensor byte flipped
+    before = {p: p.read_bytes() for p in bad.parent.iterdir()}
+    code, stdout, err = run_cli(capsys, "info", "--weights", bad)
+    _, _, seg_err = run_cli(capsys, "segment", volume, "--slice", 0, "--weights", bad, "--device", "cpu",
+                            "--out", tmp_path / "out")
+    lines = err.strip().splitlines()
+    assert code == cli.EXIT_INPUT_ERROR and stdout == "" and len(lines) == 1 and "checksum mismatch" in lines[0]
+    assert lines == seg_err.strip().splitlines()  # the same message segment gives
+    assert {p: p.read_bytes() for p in bad.parent.iterdir()} == before
+
+    # A JSON whose recorded SHA-256 was edited (tensors untouched) is refused the same way.
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    config = json.loads(Path(weights).read_text())
+    config["weights_sha256"] = "0" * 64
+    (edited / "tiny.json").write_text(json.dumps(config))
+    (edited / "tiny.safetensors").write_bytes(Path(weights).with_suffix(".safetensors").read_bytes())
+    code, _, err = run_cli(capsys, "info", "--weights", edited / "tiny.json")
+    assert code == cli.EXIT_INPUT_ERROR and "checksum mismatch" in err and len(err.strip().splitlines()) == 1
+
+
+def test_info_needs_no_torch(tmp_path, weights):
+    """Slicer's Python has no torch: ``info`` (checksum included) runs with torch made unimportable."""
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from ParaspinalSegLib import cli\n"
+            f"sys.exit(cli.main(['info', '--weights', {str(weights)!r}]))\n")
+    env = dict(os.environ, PYTHONPATH=f"{REPO / 'ParaspinalSeg'}:{REPO}")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "verified" in proc.stdout
