@@ -136,12 +136,15 @@ def _refuse_unnamed_cells(cells: Sequence[str], header: Sequence[str], p: Path, 
 
 def _dixon_problem(item: BatchItem, headed: bool) -> str:
     """Why a row's Dixon images cannot be used (a water image without a fat image, ...); blank if they can."""
-    water, fat, ff = item.dixon_paths()
-    where = "columns water and fat" if headed else "columns 4 and 5"
+    return dixon_pair_problem(*item.dixon_paths(), where="columns water and fat" if headed else "columns 4 and 5")
+
+
+def dixon_pair_problem(water: str, fat: str, fat_fraction_map: str, where: str) -> str:
+    """Why these Dixon paths cannot be used together (``where`` says where they were given); blank if they can."""
     if bool(water) != bool(fat):
         given, absent = ("water", "fat") if water else ("fat", "water")
         return f"a Dixon {given} image without a {absent} image ({where}): the fat fraction needs both"
-    if ff and water:
+    if fat_fraction_map and water:
         return "both water and fat images and a fat-fraction map: give one or the other"
     return ""
 

@@ -148,3 +148,15 @@ def test_a_volume_named_like_the_runs_own_files_just_works(capsys, tmp_path, wei
     code, stdout, _ = _batch(capsys, listing, out, weights, "--resume")
     assert code == 0 and "1 done before, kept" in stdout
     assert {p for p in _snapshot(out)} == set(before)
+
+
+def test_batch_water_image_option_without_fat_image_is_refused_before_the_model_loads(capsys, tmp_path):
+    stack = _write(tmp_path / "stack3.nrrd", seed=3, slices=3)
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"{stack.name},2,L3/L4\n")
+    out = tmp_path / "out"
+    # weights that do not exist: the Dixon options are refused first
+    code, _, err = _batch(capsys, listing, out, tmp_path / "no_weights.json", "--water-image", stack)
+    assert code == cli.EXIT_INPUT_ERROR and len(err) == 1, err
+    assert "a Dixon water image without a fat image (--water-image and --fat-image)" in err[0]
+    assert not out.exists()
