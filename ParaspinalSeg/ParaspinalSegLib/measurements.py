@@ -6,7 +6,9 @@ line's CSV and the validation script all call :func:`measure_slice` and :func:`a
 
 Definitions (field conventions, see ``shared/notes/model.md`` §5):
 
-* **CSA** = pixel count × pixel area (s0 × s1 mm², so non-square pixels are handled).
+* **CSA** = pixel count × pixel area (s0 × s1 mm², so non-square pixels are handled; the product is the
+  pixel's area because its axes are perpendicular: sheared grids are refused before anything is measured,
+  :func:`preprocessing.check_perpendicular_axes`).
 * **Fat %** = pixels brighter than a fat threshold / all pixels of the muscle × 100, the BS-ESNet paper's
   and Fortin/Battié's definition on T2 images (fat is bright). **Functional CSA** = CSA of the lean pixels.
   This is an *area fraction of fat-dominated pixels*, not the mean signal fat fraction a Dixon/PDFF map gives
@@ -27,8 +29,10 @@ Threshold methods (recorded with every row):
   intermuscular adipose tissue from MR images of the thigh", J Magn Reson Imaging 2009;29:677–684 (EM on
   the intensity histogram); MuscleMap ``mm_extract_metrics -m gmm`` (GMM on T1/T2 muscle images); Ornowski
   et al., JOR Spine 2024, 10.1002/jsp2.1301 (Gaussian-mixture thresholds vs water–fat MRI in paraspinal
-  muscles, r = 0.70–0.86). EM is initialised from an Otsu split and run in units of the histogram's range, so the result
-  is equivariant to intensity scaling and offset: the same slice scaled or offset gives the same fat %.
+  muscles, r = 0.70–0.86). EM is initialised from an Otsu split and run in units of the histogram's range, and the whole
+  threshold is computed in the slice's :class:`IntensityUnits` (offset removed in float64, range scaled by a
+  power of two), so the result is equivariant to intensity scaling and offset: the same slice scaled (×1e-6 …
+  ×1e30) or offset (±2e9) gives the same fat % and the threshold scaled and shifted (``test_measurements.py``).
   When no two distinct populations can be found (Ashman's D < 2 even with 20 and 40 mm regions), the
   threshold falls back to the lean muscle's robust mean + 3 robust SD (``"auto-lean+3sd"``) and says so in
   ``details``.
@@ -49,6 +53,7 @@ and histogram helpers they are defined by.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -180,23 +185,46 @@ class GaussianMixture2:
         return float(np.sqrt(2.0) * abs(self.means[1] - self.means[0]) / np.sqrt(np.sum(self.sds**2)))
 
     def decision_boundary(self) -> Optional[float]:
-        """Intensity above the lean mean where the fat posterior reaches 0.5 (None if it never does)."""
-        (w0, w1), (m0, m1), (s0, s1) = self.weights, self.means, self.sds
-        # w0 N(x; m0, s0) = w1 N(x; m1, s1)  ⇔  a x² + b x + c = 0 (log form)
-        a = 1.0 / (2 * s1**2) - 1.0 / (2 * s0**2)
-        b = m0 / s0**2 - m1 / s1**2
-        c = m1**2 / (2 * s1**2) - m0**2 / (2 * s0**2) + np.log((w0 * s1) / (w1 * s0))
-        if abs(a) < 1e-12 * max(abs(b), 1e-300):
+        """Intensity above the lean mean where the fat posterior reaches 0.5 (None if it never does).
+
+        Solved in the lean component's own units u = (x − μ0) / σ0, where the lean Gaussian is N(0, 1):
+        the quadratic's coefficients are then free of the intensity scale and offset, so the boundary is
+        equivariant to both (an image ×1e30 or +2e9 gives the same boundary, scaled and shifted). In
+        intensity units the x² coefficient scales as 1/S² and the x coefficient as 1/S, and the constant
+        term cancels m²/s² terms that lose every digit at large offsets."""
+        (w0, w1), (m0, m1), (s0, s1) = (np.asarray(a, dtype=np.float64) for a in (self.weights, self.means, self.sds))
+        mu, sigma = (m1 - m0) / s0, s1 / s0  # the fat component in lean units
+        # w0 N(u; 0, 1) = w1 N(u; mu, sigma)  ⇔  a u² + b u + c = 0 (log form)
+        a = 0.5 / sigma**2 - 0.5
+        b = -mu / sigma**2
+        c = 0.5 * mu**2 / sigma**2 + np.log((w0 * sigma) / w1)
+        if a == 0.0:  # equal spreads: one crossing
             roots = [-c / b] if b != 0 else []
         else:
             disc = b * b - 4 * a * c
             if disc < 0:
                 return None
-            sq = np.sqrt(disc)
-            roots = [(-b - sq) / (2 * a), (-b + sq) / (2 * a)]
+            # Numerically stable pair of roots (no cancellation when a is tiny against b: then c / q ≈ −c / b).
+            q = -0.5 * (b + np.copysign(np.sqrt(disc), b))
+            roots = [q / a] + ([c / q] if q != 0 else [])
         # The boundary we want lies above the lean mean; the smallest such root is the lean→fat crossing.
-        above = sorted(r for r in roots if np.isfinite(r) and r >= m0)
-        return float(above[0]) if above else None
+        above = sorted(float(r) for r in roots if np.isfinite(r) and r >= 0)
+        return float(m0 + above[0] * s0) if above else None
+
+
+#: Bins are half-open [k, k + 1) in units of the bin width; a value this close below an edge counts as on it.
+#: Integer images put many pixels exactly on edges, and an image scaled by 1e20 carries them a few 1e-16
+#: off: without the slack such a pixel would change bin with the scale. 1e-9 bin widths is far above that
+#: rounding and far below how close an integer level can come to an edge without being on it (1 / range
+#: bin widths, range < 1e9).
+EDGE_SLACK = 1e-9
+
+
+def _histogram_counts(u: np.ndarray, bins: int) -> np.ndarray:
+    """Counts of ``u`` in [0, 1] over ``bins`` equal bins (the top value in the last bin), robust to rounding
+    at the edges (:data:`EDGE_SLACK`); the same counts as ``np.histogram`` for values off the edges."""
+    idx = np.floor(np.asarray(u, dtype=np.float64) * bins + EDGE_SLACK).astype(np.intp)
+    return np.bincount(np.clip(idx, 0, bins - 1), minlength=bins)
 
 
 def fit_gaussian_mixture2(values: np.ndarray, bins: int = MIXTURE_BINS, max_iter: int = 300,
@@ -218,10 +246,9 @@ def fit_gaussian_mixture2(values: np.ndarray, bins: int = MIXTURE_BINS, max_iter
     scale = hi - lo
     if scale <= 0:
         raise ValueError("a 2-component mixture needs at least two distinct values")
-    counts, edges = np.histogram(x, bins=bins, range=(lo, hi))
+    counts = _histogram_counts((x - lo) / scale, bins)
     n = counts.astype(np.float64)
-    z = 0.5 * (edges[:-1] + edges[1:])
-    z = (z - lo) / scale  # bin centres in [0, 1]
+    z = (np.arange(bins) + 0.5) / bins  # bin centres in [0, 1]
     var_floor = (1.0 / bins) ** 2 / 12.0
     total = n.sum()
     t = skimage.filters.threshold_otsu(hist=(counts, z))
@@ -326,6 +353,66 @@ def _robust_lean(muscle_pixels: np.ndarray) -> tuple[float, float, float]:
     return med, sd, med - 2.0 * (med - p5)
 
 
+@dataclass(frozen=True)
+class IntensityUnits:
+    """The units every automatic threshold is computed in: ``x = offset + z · 2**exponent``.
+
+    ``offset`` is the slice's darkest value and ``2**exponent`` the power of two just above its intensity
+    range, so ``z`` lies in [0, 1). Subtracting the offset first (in float64) keeps an image stored at +2e9
+    as precise as one at 0, and scaling by a power of two is exact, so an integer image's ``z`` are its
+    values to the last bit; squares of ``z`` can neither overflow nor underflow, whatever the scanner's
+    units (1e-6 or 1e30). Thresholds and intensities in ``details`` are mapped back to image units.
+    """
+
+    offset: float
+    exponent: int
+
+    @classmethod
+    def of(cls, image: np.ndarray) -> "IntensityUnits":
+        """The units of a (finite, float64) slice; a constant slice gets exponent 0."""
+        lo, hi = float(image.min()), float(image.max())
+        return cls(lo, math.frexp(hi - lo)[1] if hi > lo else 0)
+
+    def standardise(self, x: np.ndarray) -> np.ndarray:
+        """Image intensities → ``z``."""
+        return np.ldexp(np.asarray(x, dtype=np.float64) - self.offset, -self.exponent)
+
+    def intensity(self, z: float) -> float:
+        """``z`` → image intensity."""
+        return self.offset + math.ldexp(float(z), self.exponent)
+
+    def spread(self, dz: float) -> float:
+        """A difference or SD in ``z`` → image intensity units."""
+        return math.ldexp(float(dz), self.exponent)
+
+    def to_image(self, result: "ThresholdResult") -> "ThresholdResult":
+        """A threshold computed in ``z`` with its intensity details, in image units."""
+        def convert(d: dict[str, Any]) -> dict[str, Any]:
+            out = {}
+            for key, v in d.items():
+                if key in _INTENSITY_DETAILS:
+                    v = self.intensity(v)
+                elif key in _SPREAD_DETAILS:
+                    v = self.spread(v)
+                elif key == "tried":
+                    v = [convert(t) for t in v]
+                out[key] = v
+            return out
+
+        value = None if result.value is None else self.intensity(result.value)
+        return ThresholdResult(value, result.method, convert(result.details))
+
+
+#: ``details`` entries that are intensities, and those that are spreads (see :meth:`IntensityUnits.to_image`).
+_INTENSITY_DETAILS = frozenset({"lean_median", "lower_cutoff", "lean_mean", "fat_mean"})
+_SPREAD_DETAILS = frozenset({"lean_sd", "fat_sd"})
+
+#: A pixel this close below the lower cutoff (in ``z``, i.e. ~1e-9 of the slice's range) is on it: integer
+#: images have pixels exactly on the cutoff, which rounding must not move out of the region when the image
+#: is scaled; far below the spacing of any image's intensity levels.
+CUTOFF_SLACK = 1e-9
+
+
 def fat_threshold(
     image: np.ndarray,
     labels: np.ndarray,
@@ -340,7 +427,9 @@ def fat_threshold(
     see the module docstring), ``"otsu"`` (Otsu of the pixels of ``structure``, or of all muscle pixels when
     ``structure`` is None), ``"otsu-region"`` (Otsu on the auto region) or a number (manual threshold).
     ``spacing_mm`` (mm per pixel along axes 0 and 1) sets the region size in mm.
-    Returns ``value=None`` with ``details["reason"]`` when there is nothing to threshold.
+    Returns ``value=None`` with ``details["reason"]`` when there is nothing to threshold. Every automatic
+    method is computed in :class:`IntensityUnits` of the slice, so scaling the image by any positive factor
+    or adding any offset gives the same pixels above the threshold and the threshold scaled and shifted.
     """
     img, lab = _check_inputs(image, labels)
     spacing = _as_spacing(spacing_mm)
@@ -348,28 +437,34 @@ def fat_threshold(
     name = parse_threshold_method(method)
     if isinstance(name, float):
         return ThresholdResult(name, "manual", {})
+    units = IntensityUnits.of(img)
+    return units.to_image(_automatic_threshold(units.standardise(img), lab, name, spacing, structure))
 
+
+def _automatic_threshold(z: np.ndarray, lab: np.ndarray, name: str, spacing: tuple[float, float],
+                         structure: Optional[int]) -> ThresholdResult:
+    """:func:`fat_threshold` of a standardised slice ``z`` (values and details in ``z``)."""
     muscle = np.isin(lab, anatomy.MUSCLE_VALUES)
     if name == "otsu":
         mask = lab == structure if structure is not None else muscle
         if not mask.any():
             return ThresholdResult(None, "otsu", {"reason": "no pixels"})
-        return ThresholdResult(otsu_threshold(img[mask]), "otsu", {"pixels": int(mask.sum())})
+        return ThresholdResult(otsu_threshold(z[mask]), "otsu", {"pixels": int(mask.sum())})
 
     seeds = np.isin(lab, PARASPINAL_VALUES)
     if not seeds.any():
         seeds = muscle
     if not seeds.any():
         return ThresholdResult(None, "otsu-region" if name == "otsu-region" else "auto-gmm", {"reason": "no muscle"})
-    lean_med, lean_sd, cutoff = _robust_lean(img[seeds])
+    lean_med, lean_sd, cutoff = _robust_lean(z[seeds])
 
     details: dict[str, Any] = {"lean_median": lean_med, "lower_cutoff": cutoff}
     tried: list[dict[str, float]] = []
     dist = _distance_to_seeds(lab, spacing)
-    candidates = (img >= cutoff) & ~np.isin(lab, NON_MUSCLE_VALUES)
+    candidates = (z >= cutoff - CUTOFF_SLACK) & ~np.isin(lab, NON_MUSCLE_VALUES)
     for radius in REGION_RADII_MM:
-        region = candidates & (dist <= radius)  # = fat_region(lab, spacing, radius) & (img >= cutoff)
-        vals = img[region]
+        region = candidates & (dist <= radius)  # = fat_region(lab, spacing, radius) & (z >= cutoff)
+        vals = z[region]
         if name == "otsu-region" and vals.size:
             return ThresholdResult(otsu_threshold(vals), "otsu-region", {**details, "radius_mm": radius, "pixels": int(vals.size)})
         if vals.size < 10 or float(vals.max()) <= float(vals.min()):

@@ -142,6 +142,43 @@ def test_scaling_and_offset_leave_fat_percent_unchanged():
                     assert b.threshold == pytest.approx(a.threshold * scale + offset, rel=1e-6, abs=1e-6 * scale)
 
 
+SCALES = (1e-6, 1e-3, 3.7, 1e3, 1e6, 1e10, 1e15, 1e20, 1e30)
+OFFSETS = (2e9, -2e9, 123456789.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("case", ["fat around the muscles", "lean body (fallback)"])
+def test_auto_threshold_is_invariant_from_1e_minus_6_to_1e30_and_offsets_of_2e9(seed, case):
+    """Scaled ×1e-6 … ×1e30 (float64) or offset by ±2e9 (int32, int64, float64): the same pixels are fat, the
+    method is the same, and the threshold moves with the intensities to 1e-9. The mixture's boundary once had a
+    scale-dependent test (×1e10 fell back to lean+3SD, fat % doubled) and lost digits at large offsets. Both an
+    integer image (many pixels exactly on histogram edges and on the lower cutoff) and a continuous one."""
+    spacing = SPACINGS[seed % len(SPACINGS)]
+    surrounding = FAT if case.startswith("fat") else LEAN
+    continuous, labels, _, _ = phantom(spacing, FATS if surrounding == FAT else {}, noise_sd=60.0, seed=20 + seed,
+                                       surrounding=surrounding)
+    integer = np.round(continuous - continuous.min()).astype(np.int64)
+    expected = "auto-gmm" if surrounding == FAT else "auto-lean+3sd"
+
+    def muscles(image):
+        return [r for r in measure_slice(image, labels, spacing, "auto") if r.value in anatomy.MUSCLE_VALUES]
+
+    def same(base, other, scale, offset, what):
+        for a, b in zip(base, other):
+            assert (b.method, b.fat_percent) == (a.method, a.fat_percent), (what, a.key)
+            assert abs((b.threshold - offset) / scale - a.threshold) <= 1e-9 * abs(a.threshold), (what, a.key)
+
+    for name, image in (("continuous", continuous), ("integer", integer.astype(np.float64))):
+        base = muscles(image)
+        assert {r.method for r in base} == {expected} and all(r.fat_percent is not None for r in base)
+        for scale in SCALES:
+            same(base, muscles(image * scale), scale, 0.0, f"{name} x{scale:g}")
+    base = muscles(integer)
+    for offset in OFFSETS:
+        for dtype in (np.int32, np.int64, np.float64):
+            same(base, muscles((integer + int(offset)).astype(dtype)), 1.0, offset, f"{dtype.__name__} {offset:+g}")
+
+
 def test_manual_threshold_and_unknown_method():
     image, labels, _, true_fat = phantom((1.0, 1.0), FATS, noise_sd=10.0, seed=5)
     for value in (600.0, "600"):

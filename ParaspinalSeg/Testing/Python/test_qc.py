@@ -171,3 +171,14 @@ def test_noisy_and_inverted_images_are_flagged_for_every_row():
     inverted = qc.run_checks(labels, image.max() - image, CANONICAL)
     assert "background brighter than the body" in inverted.summary()
     assert qc.run_checks(labels, image, CANONICAL).ok
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_image_statistics_do_not_see_an_intensity_offset_as_noise(dtype):
+    """An integer image stored at ±2e9 has the same noise and background as at 0 (float32 of the raw values
+    would keep steps of 128 and read them as noise)."""
+    labels = phantom()
+    image = np.round(10 * image_for(labels)).astype(np.int64)
+    base = qc.image_statistics(image)
+    for offset in (2_000_000_000, -2_000_000_000):
+        assert qc.image_statistics((image + offset).astype(dtype)) == pytest.approx(base, rel=1e-6, abs=1e-9)
