@@ -53,6 +53,9 @@ __all__ = [
     "slice_geometry_from_volume",
     "slice_geometry_from_nifti_affine",
     "pixel_spacing",
+    "MAX_AXIS_COSINE",
+    "check_perpendicular_axes",
+    "SLICE_AXIS_NAMES",
     "slice_normal",
     "canonical_orientation",
     "canonical_ijk_to_ras",
@@ -121,17 +124,61 @@ def slice_geometry_from_nifti_affine(affine: Any, k: int) -> np.ndarray:
     return m
 
 
+#: Largest |cos| of the angle between two voxel axes still taken as perpendicular (0.057° off 90°). MRI
+#: scanners write orthonormal directions; what reaches us is their rounding: float32 NIfTI sform entries
+#: (relative 6e-8, so |cos| ~1e-7), quaternion qforms (orthogonal by construction), DICOM's decimal
+#: direction cosines (6 or more digits: |cos| ~1e-6). A shear beyond that is a broken or hand-made header,
+#: and on it the pixel area is |a × b|, not |a|·|b|, while ITK's NIfTI writer turns the grid into another,
+#: rotated one. At 1e-3 itself |a|·|b| exceeds |a × b| by only cos²/2 = 5e-7, so everything accepted is
+#: measured as if perpendicular without a measurable error.
+MAX_AXIS_COSINE = 1e-3
+
+#: Names of a slice matrix's axes in messages (axis 0 runs down the rows, axis 1 along a row).
+SLICE_AXIS_NAMES = ("row", "column")
+
+
+def check_perpendicular_axes(ijk_to_ras: Any, what: str, columns: tuple[int, ...] = (0, 1),
+                             names: tuple[str, ...] = SLICE_AXIS_NAMES) -> None:
+    """Refuse (:class:`InputError`, "implausible geometry") a matrix whose voxel axes ``columns`` are not
+    perpendicular within :data:`MAX_AXIS_COSINE`, naming the angle between them. ``what`` starts the
+    message (e.g. the volume's name); ``names[c]`` names column ``c`` (``("i", "j", "k")`` for a volume)."""
+    m = _as_matrix(ijk_to_ras)
+    for n, a in enumerate(columns):
+        for b in columns[n + 1:]:
+            u, v = m[:3, a], m[:3, b]
+            lengths = float(np.linalg.norm(u) * np.linalg.norm(v))
+            if lengths <= 0:
+                continue  # a zero-length axis is refused where the spacing is checked
+            cos = float(np.dot(u, v)) / lengths
+            if abs(cos) > MAX_AXIS_COSINE:
+                angle = math.degrees(math.acos(max(-1.0, min(1.0, cos))))
+                raise InputError(
+                    f"{what}: implausible geometry: its {names[a]} and {names[b]} axes are {angle:.2f} degrees "
+                    "apart, not perpendicular (a sheared direction matrix or transform; MRI scanners write "
+                    "perpendicular axes). Areas on a sheared grid would be wrong, so nothing is segmented or "
+                    "measured; correct the header or resample the volume onto a perpendicular grid"
+                )
+
+
 def pixel_spacing(slice_ijk_to_ras: Any) -> tuple[float, float]:
-    """In-plane pixel spacing ``(s0, s1)`` in mm along the slice's axis 0 and axis 1."""
+    """In-plane pixel spacing ``(s0, s1)`` in mm along the slice's axis 0 and axis 1.
+
+    The pixel area is ``s0 · s1`` only for perpendicular axes, so a sheared slice is refused
+    (:func:`check_perpendicular_axes`)."""
     m = _as_matrix(slice_ijk_to_ras)
+    check_perpendicular_axes(m, "the slice")
     return float(np.linalg.norm(m[:3, 0])), float(np.linalg.norm(m[:3, 1]))
 
 
 def _unit_axes(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Unit directions of axis 0, axis 1 and the normal ``d0 × d1`` (right-handed), all in RAS."""
+    """Unit directions of axis 0, axis 1 and the normal ``d0 × d1`` (right-handed), all in RAS.
+
+    A sheared slice (in-plane axes not perpendicular) is refused: every segmentation passes here, so the
+    Slicer module, ``segment`` and ``batch`` refuse it alike."""
     s0, s1 = np.linalg.norm(m[:3, 0]), np.linalg.norm(m[:3, 1])
     if s0 <= 0 or s1 <= 0:
         raise InputError("IJK-to-RAS matrix has a zero in-plane axis (pixel spacing 0)")
+    check_perpendicular_axes(m, "the slice")
     d0, d1 = m[:3, 0] / s0, m[:3, 1] / s1
     n = np.cross(d0, d1)
     norm = np.linalg.norm(n)

@@ -24,6 +24,7 @@ import numpy as np
 
 from .errors import InputError
 from .file_integrity import check_file_complete, read_nifti_header
+from .preprocessing import check_perpendicular_axes
 
 #: File name endings SimpleITK reads that we accept as a single-file volume (lower case).
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
@@ -381,10 +382,15 @@ def check_slice_geometry(volume: Volume) -> list[str]:
 
     Judged on the slice plane (the i and j axes): pixel size and field of view. A 100 mm pixel or a 3 mm
     field of view is a broken header, and areas computed from it would be wrong by orders of magnitude.
+    Axes that are not perpendicular (a sheared direction matrix) are refused too
+    (:func:`preprocessing.check_perpendicular_axes`): pixel areas here are products of the axes' lengths.
     """
     m = np.asarray(volume.ijk_to_ras, float)
     if not np.all(np.isfinite(m)):
         raise InputError(f"{volume.name} has a geometry with NaN or infinite entries: it cannot be measured")
+    # All three axes: the label volume is written back through ITK, whose NIfTI writer replaces a sheared
+    # direction matrix by another, rotated one (the labels would land elsewhere than the .seg.nrrd's).
+    check_perpendicular_axes(m, volume.name, columns=(0, 1, 2), names=("i", "j", "k"))
     k, j, i = volume.array.shape
     pixel = (float(np.linalg.norm(m[:3, 0])), float(np.linalg.norm(m[:3, 1])))
     fov = (pixel[0] * i, pixel[1] * j)

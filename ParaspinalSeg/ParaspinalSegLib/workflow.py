@@ -28,7 +28,7 @@ import numpy as np
 from . import anatomy, qc, scene
 from .errors import InputError
 from .geometry import array_from_vtk_matrix, vtk_matrix_from_array
-from .preprocessing import pixel_spacing, slice_geometry_from_volume
+from .preprocessing import check_perpendicular_axes, pixel_spacing, slice_geometry_from_volume
 from .slice_view import ALIGNMENT_TOLERANCE_DEG, ViewSlice, aligned_slice_to_ras, red_view_slice_index
 from .validation import check_slice_index, validate_slice
 
@@ -104,11 +104,14 @@ def volume_ijk_to_world(volume_node: Any) -> np.ndarray:
 def check_slice(volume_node: Any, k: Any) -> np.ndarray:
     """A copy of slice ``arr[k]`` if it can be segmented, else an InputError naming slice and volume.
 
-    Checks the volume, the slice index and the slice content (not all one value, no NaN/infinity,
-    large enough), so a caller can refuse bad input before loading a model.
+    Checks the volume, the slice index, the slice's geometry in world space (a linear parent transform,
+    in-plane axes perpendicular: :func:`preprocessing.check_perpendicular_axes`) and the slice content (not
+    all one value, no NaN/infinity, large enough), so a caller can refuse bad input before loading a model.
     """
     num_k = check_volume(volume_node)[0]
     k = check_slice_index(k, num_k, volume_node.GetName())
+    check_perpendicular_axes(volume_ijk_to_world(volume_node), f"volume '{volume_node.GetName()}'",
+                             names=("i", "j", "k"))
     return validate_slice(np.array(volume_array(volume_node)[k]), f"slice {k} of '{volume_node.GetName()}'")
 
 

@@ -227,3 +227,86 @@ def test_itk_warnings_stay_off_stderr(tmp_path, capfd):
     path.write_bytes(bytes(data))
     volume_io.read_volume(path)
     assert capfd.readouterr().err == ""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sheared direction matrices: not an MRI grid, and ITK's NIfTI writer would rotate the labels written back
+
+
+def _sheared(path: Path, columns, array=None) -> Path:
+    """A volume file whose direction columns (unit vectors, ITK's LPS) are ``columns`` (i, j[, k])."""
+    a = np.random.default_rng(2).normal(300, 40, SHAPE).astype(np.int16) if array is None else array
+    if len(columns) == 2:
+        img = sitk.GetImageFromArray(a[0])
+        img.SetSpacing((1.5, 1.5))
+    else:
+        img = sitk.GetImageFromArray(a)
+        img.SetSpacing((1.5, 1.5, 4.0))
+    img.SetDirection(tuple(np.asarray(columns, float).T.ravel()))
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+_T = np.radians(13.0)
+SHEARS = [
+    ("in-plane 13 degrees", [(1, 0, 0), (np.sin(_T), np.cos(_T), 0), (0, 0, 1)], "i and j axes are 77.00 degrees"),
+    ("k leaning 11.5 degrees", [(1, 0, 0), (0, 1, 0), (0.2, 0, 0.98)], "i and k axes are 78.47 degrees"),
+    ("2-D slice, 0.1 degrees", [(1, 0), (np.sin(np.radians(0.1)), np.cos(np.radians(0.1)))], "i and j axes are 89.90 degrees"),
+]
+
+
+@pytest.mark.parametrize("case, columns, angle", SHEARS, ids=[s[0] for s in SHEARS])
+def test_sheared_directions_are_refused_as_implausible_geometry(tmp_path, case, columns, angle):
+    d = np.asarray(columns, float)
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    vol = volume_io.read_volume(_sheared(tmp_path / "sheared.nrrd", d))
+    with pytest.raises(InputError, match=rf"sheared: implausible geometry: its {angle} apart, not perpendicular"):
+        volume_io.check_slice_geometry(vol)
+
+
+def test_an_oblique_nifti_rounded_to_float32_is_accepted(tmp_path):
+    """NIfTI stores its sform in float32: the rounding of an oblique scanner orientation is no shear."""
+    t = np.radians(17.0)
+    r = np.array([[np.cos(t), 0, np.sin(t)], [0, 1, 0], [-np.sin(t), 0, np.cos(t)]]) @ np.array(
+        [[np.cos(t / 3), -np.sin(t / 3), 0], [np.sin(t / 3), np.cos(t / 3), 0], [0, 0, 1]])
+    path = _sheared(tmp_path / "oblique.nii.gz", r.astype(np.float32).T)
+    warnings = volume_io.check_slice_geometry(volume_io.read_volume(path))  # raises if refused
+    assert all("unusual field of view" in w for w in warnings), warnings  # the small test FOV only
+
+
+def test_sheared_volume_is_refused_by_segment_measure_and_batch_exit_2_nothing_written(tmp_path, capsys,
+                                                                                        save_tiny_weights):
+    """The hostile case: NRRD ``space directions`` with a 13-degree shear were measured with a 12 % too large
+    pixel area and written back rotated. Every command line entry refuses it with one line, exit 2."""
+    pytest.importorskip("torch")
+    from ParaspinalSegLib import cli
+
+    weights = save_tiny_weights(tmp_path / "w" / "tiny")
+    d = np.array(SHEARS[0][1], float)
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    work = tmp_path / "work"
+    work.mkdir()
+    vol = _sheared(work / "sheared.nrrd", d)
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[1, 20:30, 8:16], labels[1, 20:30, 24:32] = 8, 9
+    lab = _sheared(work / "sheared_labels.nrrd", d, labels)
+    (work / "list.csv").write_text("volume,slice,level\nsheared.nrrd,1,L4/L5\n")
+    contents = sorted(p.name for p in work.iterdir())
+    message = "sheared: implausible geometry: its i and j axes are 77.00 degrees apart, not perpendicular"
+    runs = {
+        "segment": ["segment", vol, "--slice", "1", "--out", work / "seg", "--weights", weights, "--device", "cpu"],
+        "measure": ["measure", vol, lab, "--slice", "1", "--out", work / "m.csv"],
+    }
+    for name, argv in runs.items():
+        code = cli.main([str(a) for a in argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], (name, code, err)
+        assert sorted(p.name for p in work.iterdir()) == contents, name
+    # batch: the row fails with the same reason (no row folder); with no row left the run exits 2
+    code = cli.main([str(a) for a in ["batch", work / "list.csv", "--out", work / "b", "--weights", weights,
+                                      "--device", "cpu", "--no-progress"]])
+    capsys.readouterr()
+    assert code == 2
+    assert message in (work / "b" / "errors.csv").read_text()
+    assert sorted(p.name for p in (work / "b").iterdir() if not p.name.startswith(".")) == [
+        "batch_run.json", "errors.csv", "measurements.csv"]

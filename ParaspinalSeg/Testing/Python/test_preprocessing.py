@@ -388,7 +388,8 @@ CASES = [
     ("fov450_192_ras", [0, 450 / 192, 0], [450 / 192, 0, 0], (192, 192)),
     ("fov450_1024_nifti", [450 / 1024, 0, 0], [0, 450 / 1024, 0], (1024, 1024)),
     ("nonsquare_320x448", [0, -0.6, 0], [0.9, 0, 0], (320, 448)),
-    ("nonsquare_transposed_oblique", [-0.9, 0.05, 0.1], [0.02, -0.6, 0.06], (448, 320)),
+    # (axes perpendicular, as a scanner writes them: 0.01 · -0.6 + 0.1 · 0.06 = 0; sheared axes are refused)
+    ("nonsquare_transposed_oblique", [-0.9, 0.01, 0.1], [0.0, -0.6, 0.06], (448, 320)),
 ]
 
 
@@ -569,3 +570,48 @@ def test_field_of_view_window_holds_the_whole_slice_centred(shape, spacing):
     np.testing.assert_allclose(grid.centre_ras, centre, atol=grid.spacing_mm / 2 + 1e-9)
     # The spine window of the same slice keeps its one scale whatever the field of view.
     assert resample_grid(shape, m, ModelInput(spacing_mm=0.8, size=256)).spacing_mm == 0.8
+
+
+def _rotation(degrees: float, axis) -> np.ndarray:
+    """Rodrigues rotation matrix about ``axis``."""
+    a = np.asarray(axis, float) / np.linalg.norm(axis)
+    t = math.radians(degrees)
+    k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
+    return np.eye(3) + math.sin(t) * k + (1 - math.cos(t)) * k @ k
+
+
+@pytest.mark.parametrize("shear_deg, refused", [(13.0, True), (0.1, True), (-0.1, True), (0.05, False), (0.0, False)])
+def test_sheared_in_plane_axes_are_refused_beyond_round_off(shear_deg, refused):
+    """Every segmentation and measurement takes its pixel geometry from here: a slice whose axes are not
+    perpendicular (pixel area |a × b|, not |a|·|b|) is refused, naming the angle; 0.05° (|cos| 8.7e-4, an
+    area error of 4e-7) is taken as perpendicular."""
+    from ParaspinalSegLib.preprocessing import check_perpendicular_axes, slice_normal
+
+    t = math.radians(shear_deg)
+    m = np.eye(4)
+    m[:3, 0] = [0.0, -0.8, 0.0]
+    m[:3, 1] = [-0.9 * math.cos(t), -0.9 * math.sin(t), 0.0]  # axis 1 leaning towards axis 0
+    m[:3, 2] = [0.0, 0.0, 4.0]
+    calls = (lambda: pixel_spacing(m), lambda: canonical_orientation(m), lambda: slice_normal(m),
+             lambda: check_perpendicular_axes(m, "the slice"))
+    for call in calls:
+        if refused:
+            with pytest.raises(InputError, match=rf"implausible geometry: its row and column axes are "
+                                                 rf"{90 - shear_deg:.2f} degrees apart, not perpendicular"):
+                call()
+        else:
+            call()
+
+
+def test_float32_rounded_oblique_directions_pass():
+    """What scanners and NIfTI write: an oblique rotation rounded to float32 (sform) or to 6 decimals
+    (DICOM direction cosines) is perpendicular within round-off, far inside the tolerance."""
+    from ParaspinalSegLib.preprocessing import MAX_AXIS_COSINE, check_perpendicular_axes
+
+    r = _rotation(17.0, [0.3, -0.2, 1.0]) @ np.diag([-1.0, -1.0, 1.0])
+    for rounded in (r.astype(np.float32).astype(float), np.round(r, 6)):
+        m = np.eye(4)
+        m[:3, :3] = rounded * np.array([0.6, 0.6, 3.5])
+        check_perpendicular_axes(m, "v", columns=(0, 1, 2), names=("i", "j", "k"))
+        cos = abs(rounded[:, 0] @ rounded[:, 1]) / np.prod(np.linalg.norm(rounded[:, :2], axis=0))
+        assert cos < 1e-5 < MAX_AXIS_COSINE

@@ -413,3 +413,33 @@ def test_segment_fills_the_qc_column_of_every_row_and_says_so(mrml_scene, volume
         assert rows[s.key]["qc"] == outcome.qc.cell(s.value)
     text = workflow.describe_outcome(outcome)
     assert ("QC:" in text) == (not outcome.qc.ok)
+
+
+def test_sheared_volume_or_shearing_transform_is_refused_before_the_model_and_the_scene(
+        mrml_scene, volume, make_volume, segmenter):
+    """A sheared IJK-to-RAS (or a linear transform that shears the volume in world space) would be measured
+    with the wrong pixel area: refused by check_slice (which the module runs before loading the model) and
+    by the segmentation itself, with the angle, the scene unchanged."""
+    workflow.segment_slice_into_scene(mrml_scene, volume, 0, segmenter)  # something to keep intact
+    t = math.radians(13.0)
+    sheared = make_volume(mrml_scene, SHAPE, directions=((-1, -math.sin(t), 0), (0, -math.cos(t), 0), (0, 0, 1)),
+                          spacing=SPACING, array=anatomy_like(), name="sheared")
+    before = state(mrml_scene, volume)
+    message = r"volume 'sheared': implausible geometry: its i and j axes are 77.00 degrees apart"
+    with pytest.raises(InputError, match=message):
+        workflow.check_slice(sheared, 1)
+    with pytest.raises(InputError, match=message):
+        workflow.segment_slice_into_scene(mrml_scene, sheared, 1, segmenter)
+    assert_same_state(before, state(mrml_scene, volume))
+    # Only the slice plane matters to one slice: a volume whose k axis leans is segmented as before.
+    leaning = make_volume(mrml_scene, SHAPE, directions=((-1, 0, 0.2), (0, -1, 0), (0, 0, 0.98)), spacing=SPACING,
+                          array=anatomy_like(), name="leaning")
+    assert workflow.check_slice(leaning, 1).shape == SHAPE[1:]
+
+    transform = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 1, 0.3)  # world x gains 0.3 × y: the I and J axes are no longer perpendicular
+    transform.SetMatrixTransformToParent(matrix)
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    with pytest.raises(InputError, match=r"volume 'T2': implausible geometry: its i and j axes are 73.3\d degrees"):
+        workflow.check_slice(volume, 1)
