@@ -270,7 +270,9 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 #: Path arguments: dest → (how ``--help`` names it, what it is); an empty one is refused, never read as ``.``.
-_PATH_ARGUMENTS = {"volume": ("VOLUME", "volume"), "list": ("LIST.csv", "batch list"), "out": ("--out", "output folder"),
+# Kept as strings by the parsers (``type=Path`` would turn "" into ".").
+_PATH_ARGUMENTS = {"volume": ("VOLUME", "volume"), "segmentation": ("SEGMENTATION", "segmentation"),
+                   "list": ("LIST.csv", "batch list"), "out": ("--out", "output folder or file"),
                    "weights": ("--weights", "weights file"), "water_image": ("--water-image", "water image"),
                    "fat_image": ("--fat-image", "fat image"), "fat_fraction_map": ("--fat-fraction-map", "fat-fraction map")}
 

@@ -54,14 +54,14 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
         description="Measure CSA, functional CSA, fat % and left/right asymmetry of an existing "
         "segmentation (label image on the volume's grid, or Slicer .seg.nrrd).",
     )
-    p.add_argument("volume", type=Path, help="image volume (NIfTI, NRRD, anything SimpleITK reads)")
-    p.add_argument("segmentation", type=Path, help="label image (values as in the label table) or .seg.nrrd")
+    p.add_argument("volume", help="image volume (NIfTI, NRRD, anything SimpleITK reads)")
+    p.add_argument("segmentation", help="label image (values as in the label table) or .seg.nrrd")
     p.add_argument("--slice", type=int, default=None, dest="slice",
                    help="slice index k (ITK index along the third axis); default: every slice with labels")
     p.add_argument("--level", default="", help="spinal level written in the Level column, e.g. L4/L5")
     p.add_argument("--method", default="auto",
                    help="fat threshold: auto (default), otsu, otsu-region, or a number (manual threshold)")
-    p.add_argument("--out", type=Path, required=True,
+    p.add_argument("--out", required=True,
                    help="CSV to write (asymmetry goes to <stem>_asymmetry.csv next to it)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the CSVs if they exist (default: refuse, write nothing)")

@@ -377,8 +377,10 @@ def test_an_argument_error_is_one_line_with_exit_2(capsys):
     (["batch", "{listing}", "--out", ""], "--out"),
     (["batch", "", "--out", "{out}"], "LIST.csv"),
     (["info", "--weights", ""], "--weights"),
+    (["measure", "{volume}", "{volume}", "--out", ""], "--out"),
+    (["measure", "{volume}", "", "--out", "{out}"], "SEGMENTATION"),
 ], ids=["segment --out", "segment VOLUME", "segment --weights", "segment --water-image", "batch --out",
-        "batch LIST", "info --weights"])
+        "batch LIST", "info --weights", "measure --out", "measure SEGMENTATION"])
 def test_an_empty_path_argument_is_refused_and_nothing_written(capsys, tmp_path, volume, monkeypatch, argv, shown):
     listing = tmp_path / "list.csv"
     listing.write_text(f"{volume},0,L4/L5\n")
