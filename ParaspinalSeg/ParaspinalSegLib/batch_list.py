@@ -114,7 +114,9 @@ def _header_dixon_columns(cells: Sequence[str], p: Path) -> dict[str, Optional[i
     known = {w for words in _DIXON_COLUMNS.values() for w in words}
     for n, name in enumerate(names[3:], start=4):
         words = set(re.split(r"[^a-z0-9]+", name))
-        if name not in known and (words & {"water", "fat", "ff", "pdff", "fraction"} or name.startswith("water")):
+        dixonish = words & {"water", "fat", "ff", "pdff", "fraction"} or name.startswith("water")
+        # ... and says it holds a file: "fat_grade" or "fat_infiltration" are a table's own metadata columns.
+        if name not in known and dixonish and words & {"image", "img", "path", "file", "map", "nii", "nrrd", "series"}:
             raise InputError(
                 f"batch list {p}: column {n} is headed {cells[n - 1]!r}, not a Dixon column name; name the Dixon "
                 "columns water, fat or fat_fraction_map (or rename this one)"
@@ -124,8 +126,9 @@ def _header_dixon_columns(cells: Sequence[str], p: Path) -> dict[str, Optional[i
 
 def _refuse_unnamed_cells(cells: Sequence[str], header: Sequence[str], p: Path, line_no: int) -> None:
     """With a header, columns are read by name: a value in a column the header does not name would be
-    silently ignored (a water image in column 4 under ``volume,slice,level``), so the list is refused."""
-    extra = next((n for n in range(len(header), len(cells)) if cells[n]), None)
+    silently ignored (a water image in column 4 under ``volume,slice,level``), so the list is refused. A blank
+    header cell names nothing either (spreadsheets write ``volume,slice,level,,`` above wider rows)."""
+    extra = next((n for n in range(3, len(cells)) if cells[n] and (n >= len(header) or not header[n].strip())), None)
     if extra is not None:
         raise InputError(
             f"batch list {p}, line {line_no}: column {extra + 1} ({cells[extra]!r}) has no name in the header "

@@ -116,8 +116,13 @@ OUTSIDE_TOLERANCE_VOXELS = 0.5 + 1e-3
 
 def check_inside(image: Any, reference: Any, name: str) -> None:
     """Refuse (:class:`InputError`) a label image on another grid whose labelled (non-zero) voxels reach
-    beyond ``reference``'s grid: resampling onto the volume would drop them without a word (half the
-    muscles gone, a CSV of empty rows). The message gives how many and what share lie outside."""
+    beyond ``reference``'s grid within its slices: resampling onto the volume would drop them without a word
+    (half the muscles gone, a CSV of empty rows). The message gives how many and what share lie outside.
+
+    Labelled voxels on slices the volume does not have (a whole-stack segmentation measured on a sub-stack or
+    an extracted slice) are not lost from any slice measured, so only the in-plane directions count for them:
+    they are left out, and only a map with nothing on the volume's slices is refused as not overlapping.
+    """
     import SimpleITK as sitk
 
     if image.GetDimension() != reference.GetDimension():
@@ -126,30 +131,45 @@ def check_inside(image: Any, reference: Any, name: str) -> None:
     labelled = values != 0
     if image.GetNumberOfComponentsPerPixel() > 1:
         labelled = labelled.any(axis=-1)
-    index = np.argwhere(labelled)[:, ::-1].astype(np.float64)  # (i, j, k) of each labelled voxel
-    if not index.size:
+    if not labelled.any():
         return
     dim = image.GetDimension()
 
     def index_to_physical(im: Any) -> np.ndarray:
         return np.asarray(im.GetDirection(), float).reshape(dim, dim) * np.asarray(im.GetSpacing(), float)[None, :]
 
-    physical = index @ index_to_physical(image).T + np.asarray(image.GetOrigin(), float)
-    continuous = np.linalg.solve(index_to_physical(reference), (physical - np.asarray(reference.GetOrigin(), float)).T).T
+    to_ref = np.linalg.solve(index_to_physical(reference), index_to_physical(image))
+    shift = np.linalg.solve(index_to_physical(reference), np.asarray(image.GetOrigin(), float) - np.asarray(reference.GetOrigin(), float))
     size = np.asarray(reference.GetSize(), float)
-    outside = np.any((continuous < -OUTSIDE_TOLERANCE_VOXELS) | (continuous > size - 1 + OUTSIDE_TOLERANCE_VOXELS), axis=1)
-    n_out, n = int(outside.sum()), len(outside)
-    if n_out == n:
+    lo, hi = -OUTSIDE_TOLERANCE_VOXELS, size - 1 + OUTSIDE_TOLERANCE_VOXELS
+
+    # The map is affine: when the labelled bounding box's corners all land inside, so does every voxel, and no
+    # per-voxel array (hundreds of MB for a whole-stack segmentation) is needed.
+    nonzero = [np.flatnonzero(labelled.any(axis=tuple(a for a in range(labelled.ndim) if a != ax))) for ax in range(labelled.ndim)]
+    box = [(nz[0], nz[-1]) for nz in nonzero][::-1]  # (i, j, k) ranges
+    corners = np.array(np.meshgrid(*box, indexing="ij"), float).reshape(dim, -1).T
+    if np.all((corners @ to_ref.T + shift >= lo) & (corners @ to_ref.T + shift <= hi)):
+        return
+
+    continuous = np.argwhere(labelled)[:, ::-1].astype(np.float64) @ to_ref.T + shift
+    if dim == 3:  # only the volume's own slices count
+        on_slices = (continuous[:, 2] >= lo) & (continuous[:, 2] <= hi[2])
+        continuous = continuous[on_slices]
+    n = len(continuous)
+    outside = np.any((continuous < lo) | (continuous > hi), axis=1)
+    n_out = int(outside.sum())
+    if n == 0 or n_out == n:
         raise InputError(
-            f"{name} does not overlap the volume: all {n} labelled voxels lie outside its grid (the segmentation "
-            "of another volume, or a wrong origin or orientation?)"
+            f"{name} does not overlap the volume: none of its labelled voxels lies on the volume's grid (the "
+            "segmentation of another volume, or a wrong origin or orientation?)"
         )
     if n_out:
         share = 100.0 * n_out / n
         share_text = f"{share:.1f} %" if share >= 0.05 else "under 0.1 %"
         raise InputError(
-            f"{name} reaches outside the volume: {n_out} of its {n} labelled voxels ({share_text}) lie outside "
-            "the volume's grid and would be lost (the segmentation of another volume, or a shifted origin?)"
+            f"{name} reaches outside the volume: {n_out} of its {n} labelled voxels on the volume's slices "
+            f"({share_text}) lie outside the volume's grid and would be lost (the segmentation of another volume, "
+            "or a shifted origin?)"
         )
 
 

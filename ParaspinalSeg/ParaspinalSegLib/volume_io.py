@@ -6,7 +6,8 @@ rows of ITK's index-to-physical matrix change sign.
 
 Every problem a user can cause (missing file, unreadable file, colour or vector image, 4-D series, a DICOM
 folder with several series) raises :class:`~ParaspinalSegLib.errors.InputError` with one clear sentence.
-Needs numpy and SimpleITK only (both exist in Slicer's Python).
+Needs numpy, scipy and SimpleITK only (all three exist in Slicer's Python; scipy through the geometry checks of
+:mod:`preprocessing`).
 """
 
 from __future__ import annotations

@@ -94,6 +94,13 @@ def test_headed_list_refuses_a_value_in_an_unnamed_column(capsys, tmp_path, weig
     code, _, err = _batch(capsys, listing, out, weights)
     assert code == cli.EXIT_INPUT_ERROR and len(err) == 1 and "has no name in the header" in err[0], err
     assert "columns named water and fat" in err[0] and not out.exists()
+    # A spreadsheet's header with blank cells above the wider rows names nothing either.
+    listing.write_text(f"volume,slice,level,,\n{stack.name},2,L3/L4,{water.name},{water.name}\n")
+    with pytest.raises(InputError, match=r"line 2: column 4 \('sample.nrrd'\) has no name in the header"):
+        read_batch_list(listing)
+    # A metadata column that merely mentions fat is a column like any other, not a misspelt Dixon column.
+    listing.write_text(f"volume,slice,level,fat_grade\n{stack.name},2,L3/L4,2\n")
+    assert read_batch_list(listing)[0].problem == ""
 
     # A header almost naming a Dixon column is refused too; blank extra cells and other named columns are fine.
     listing.write_text(f"volume,slice,level,water_path,fat_path\n{stack.name},2,L3/L4,{water.name},{water.name}\n")

@@ -207,8 +207,8 @@ def test_labels_shifted_half_out_of_the_volume_are_refused_with_the_share(case, 
     shifted = _write_at(lab, d / "shifted.nii.gz", (20 * 0.8, 0.0, 0.0))  # +16 mm: columns 30.. leave the volume
     code, err = measure(capsys, img, shifted, "--out", d / "m.csv")
     assert code == 2 and len(err) == 1, err
-    assert ("shifted.nii.gz reaches outside the volume: 150 of its 300 labelled voxels (50.0 %) lie outside the "
-            "volume's grid") in err[0], err
+    assert ("shifted.nii.gz reaches outside the volume: 150 of its 300 labelled voxels on the volume's slices "
+            "(50.0 %) lie outside the volume's grid") in err[0], err
     _only_inputs_left(d, "img.nii.gz", "lab.nii.gz", "shifted.nii.gz")
 
 
@@ -216,8 +216,25 @@ def test_labels_not_overlapping_the_volume_are_refused_and_no_header_only_csv(ca
     d, img, lab, _ = case
     far = _write_at(sitk.GetArrayFromImage(sitk.ReadImage(str(lab))), d / "far.nii.gz", (150.0, 0.0, 0.0))
     code, err = measure(capsys, img, far, "--out", d / "m.csv")
-    assert code == 2 and len(err) == 1 and "far.nii.gz does not overlap the volume: all 300 labelled voxels" in err[0], err
+    assert code == 2 and len(err) == 1 and "far.nii.gz does not overlap the volume: none of its labelled voxels" in err[0], err
     _only_inputs_left(d, "img.nii.gz", "lab.nii.gz", "far.nii.gz")
+
+
+def test_a_whole_stack_segmentation_measures_the_sub_stack_it_covers(case, capsys):
+    """Labels on slices the volume does not have (a whole-stack .seg measured on an extracted sub-stack) are
+    lost from no measured slice: measured, not refused; a map only on other slices does not overlap."""
+    d, img, _, _ = case
+    lab = np.zeros((5, 60, 50), np.uint8)
+    lab[:, 20:35, 5:15], lab[:, 20:35, 35:45] = 6, 7  # on every slice, two before and one after the volume's
+    stack = _write_at(lab, d / "stack.nii.gz", (0.0, 0.0, -2 * 4.0))
+    code, err = measure(capsys, img, stack, "--out", d / "m.csv")
+    assert code == 0, err
+    with (d / "m.csv").open(newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["Segment ID"] == "multifidus_left"]
+    assert sorted(r["Slice"] for r in rows) == ["0", "1"] and {r["Pixel count"] for r in rows} == {"150"}
+    elsewhere = _write_at(lab, d / "elsewhere.nii.gz", (0.0, 0.0, 5 * 4.0))  # slices 5..9: none of the volume's
+    code, err = measure(capsys, img, elsewhere, "--out", d / "m2.csv")
+    assert code == 2 and len(err) == 1 and "does not overlap the volume" in err[0], err
 
 
 def test_a_segmentation_without_any_structure_writes_no_csv(case, capsys):
@@ -238,7 +255,7 @@ def test_the_edge_tolerance_is_half_a_voxel(case, capsys, shift_voxels, refused)
     path = _write_at(lab, d / "edge.nii.gz", (shift_voxels * 0.8, 0.0, 0.0))
     code, err = measure(capsys, img, path, "--out", d / "m.csv")
     if refused:
-        assert code == 2 and len(err) == 1 and "15 of its 300 labelled voxels (5.0 %) lie outside" in err[0], err
+        assert code == 2 and len(err) == 1 and "15 of its 300 labelled voxels on the volume's slices (5.0 %) lie outside" in err[0], err
         assert not (d / "m.csv").exists()
     else:
         assert code == 0, err
