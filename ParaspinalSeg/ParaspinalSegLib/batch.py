@@ -40,7 +40,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from .batch_list import BatchItem, dixon_pair_problem, read_batch_list  # noqa: F401 - read_batch_list: batch's API
+from .batch_list import BatchItem, read_batch_list  # noqa: F401 - read_batch_list: batch's API
+from .dixon import pairing_problem
 from .errors import InputError, Interrupted, OutputExistsError
 from .interrupts import deferred, raise_pending
 from .outputs import StagedOutputs, atomic_write_text, remove_stale_staging, safe_output_name
@@ -589,7 +590,7 @@ def run_batch_file(
     from .weights import read_weights_config
 
     items = read_batch_list(list_path)
-    problem = dixon_pair_problem(*dixon_defaults, where="--water-image and --fat-image")
+    problem = pairing_problem(*(bool(path) for path in dixon_defaults), where="--water-image and --fat-image")
     if problem:  # every row without its own images would fail the same way
         raise InputError(problem)
     sha = read_weights_config(weights).weights_sha256

@@ -2,7 +2,7 @@
 
 Without a header, columns 4 and 5 are the water and fat images; with a header, columns are read by name,
 and a filled column the header does not name is refused rather than silently ignored (README, "Cohort
-use"). Standard library only.
+use"). The Dixon pairing rule is :func:`dixon.pairing_problem`, the one the images are checked by.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .dixon import pairing_problem
 from .errors import InputError
 
 @dataclass
@@ -139,17 +140,8 @@ def _refuse_unnamed_cells(cells: Sequence[str], header: Sequence[str], p: Path, 
 
 def _dixon_problem(item: BatchItem, headed: bool) -> str:
     """Why a row's Dixon images cannot be used (a water image without a fat image, ...); blank if they can."""
-    return dixon_pair_problem(*item.dixon_paths(), where="columns water and fat" if headed else "columns 4 and 5")
-
-
-def dixon_pair_problem(water: str, fat: str, fat_fraction_map: str, where: str) -> str:
-    """Why these Dixon paths cannot be used together (``where`` says where they were given); blank if they can."""
-    if bool(water) != bool(fat):
-        given, absent = ("water", "fat") if water else ("fat", "water")
-        return f"a Dixon {given} image without a {absent} image ({where}): the fat fraction needs both"
-    if fat_fraction_map and water:
-        return "both water and fat images and a fat-fraction map: give one or the other"
-    return ""
+    return pairing_problem(*(bool(path) for path in item.dixon_paths()),
+                           where="columns water and fat" if headed else "columns 4 and 5")
 
 
 def _is_header(cells: Sequence[str]) -> bool:

@@ -64,12 +64,10 @@ class DixonSource:
     noise_floor: Optional[float] = None
 
     def __post_init__(self) -> None:
-        pair = self.water is not None or self.fat is not None
-        if pair and (self.water is None or self.fat is None):
-            raise InputError("the Dixon fat fraction needs both a water image and a fat image")
-        if pair and self.fat_fraction_map is not None:
-            raise InputError("give either water and fat images or a fat-fraction map, not both")
-        if not pair and self.fat_fraction_map is None:
+        problem = pairing_problem(self.water is not None, self.fat is not None, self.fat_fraction_map is not None)
+        if problem:
+            raise InputError(problem)
+        if self.water is None and self.fat_fraction_map is None:
             raise InputError("no Dixon images given")
         if self.noise_floor is not None and not (np.isfinite(self.noise_floor) and self.noise_floor >= 0):
             raise InputError(f"the Dixon noise floor must be a non-negative number, got {self.noise_floor!r}")
@@ -120,6 +118,19 @@ class DixonSource:
         if labels is not None:
             check_muscles_covered(result.fraction, inside, labels, what, reason)
         return result
+
+
+def pairing_problem(water: bool, fat: bool, fat_fraction_map: bool, where: str = "") -> str:
+    """Why Dixon inputs given this way cannot be used together (blank if they can): water and fat go in
+    pairs, and a pair and a fat-fraction map exclude each other. ``where`` says where they were given (a
+    list's columns, the options); checked on paths before any image is read, and on the images."""
+    at = f" ({where})" if where else ""
+    if water != fat:
+        given, absent = ("water", "fat") if water else ("fat", "water")
+        return f"a Dixon {given} image without a {absent} image{at}: the fat fraction needs both"
+    if water and fat_fraction_map:
+        return f"both water and fat images and a fat-fraction map{at}: give one or the other, not both"
+    return ""
 
 
 @dataclass

@@ -152,7 +152,7 @@ def test_fat_fraction_map_in_fraction_or_percent():
     c = pair.percent_per_structure(labels[2], MUSCLES)
     for v in MUSCLES:
         assert a[v] == pytest.approx(c[v]) and b[v] == pytest.approx(c[v])
-    with pytest.raises(InputError, match="both a water image and a fat image"):
+    with pytest.raises(InputError, match="a Dixon water image without a fat image: the fat fraction needs both"):
         DixonSource(water=DixonImage(water, m))
     with pytest.raises(InputError, match="not both"):
         DixonSource(DixonImage(water, m), DixonImage(fat, m), DixonImage(ff, m))
