@@ -9,7 +9,7 @@ Slices are ITK slices ``k`` (the third image index, ``arr[k]`` of SimpleITK's ar
 from the volume header. A segmentation whose grid differs from the volume's (e.g. a ``.seg.nrrd`` cropped
 to its extent) is resampled onto the volume's grid with nearest-neighbour interpolation; one whose labels
 reach outside the volume is refused (:func:`segfile.check_inside`). Every measured slice first passes
-``segment``'s own checks (:func:`slice_outputs.check_slice`: not constant, finite, axial).
+``segment``'s own checks (:func:`slice_outputs.check_slice_content`: not constant, finite, axial).
 The CSV has the columns of ``segment``'s ``<name>_measurements.csv`` (so the two concatenate), then pixel
 count, mean and SD intensity and the segmentation file. Needs SimpleITK and numpy only.
 """
@@ -114,7 +114,7 @@ def measure_files(
     from .scene import slice_position_mm
     from .preprocessing import pixel_spacing, slice_geometry_from_volume
     from .qc import run_checks, with_qc
-    from .slice_outputs import check_slice
+    from .slice_outputs import check_slice_content
     from .volume_io import check_slice_geometry, itk_image_like, read_volume, volume_name
 
     # The same reader as `segment`: NIfTI/NRRD/DICOM folders, scalar 2-D/3-D volumes, clear errors.
@@ -146,8 +146,8 @@ def measure_files(
             f"{volume.name} has {int(bad.sum())} NaN or infinite voxels (slices {', '.join(map(str, slices[:5]))}"
             f"{', …' if len(slices) > 5 else ''}): fat thresholds and intensities cannot be measured; fix the file"
         )
-    for k in ks:  # `segment`'s checks, every slice before any is measured: not constant, axial, ...
-        notes += [w for w in check_slice(volume, k) if w not in notes]
+    for k in ks:  # `segment`'s checks of each slice (the volume's geometry was checked above), before any is measured
+        check_slice_content(volume, k)
     rows: list[dict[str, Any]] = []
     asym_rows: list[dict[str, Any]] = []
     for k in ks:

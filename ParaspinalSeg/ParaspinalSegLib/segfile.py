@@ -147,8 +147,8 @@ def check_inside(image: Any, reference: Any, name: str) -> None:
     # per-voxel array (hundreds of MB for a whole-stack segmentation) is needed.
     nonzero = [np.flatnonzero(labelled.any(axis=tuple(a for a in range(labelled.ndim) if a != ax))) for ax in range(labelled.ndim)]
     box = [(nz[0], nz[-1]) for nz in nonzero][::-1]  # (i, j, k) ranges
-    corners = np.array(np.meshgrid(*box, indexing="ij"), float).reshape(dim, -1).T
-    if np.all((corners @ to_ref.T + shift >= lo) & (corners @ to_ref.T + shift <= hi)):
+    corners = np.array(np.meshgrid(*box, indexing="ij"), float).reshape(dim, -1).T @ to_ref.T + shift
+    if np.all((corners >= lo) & (corners <= hi)):
         return
 
     continuous = np.argwhere(labelled)[:, ::-1].astype(np.float64) @ to_ref.T + shift

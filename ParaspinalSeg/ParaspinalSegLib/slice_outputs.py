@@ -114,17 +114,23 @@ def check_slice(volume: Volume, k: int) -> list[str]:
     """Refuse a slice that cannot be segmented or measured (all one value, NaN, impossible geometry, not
     axial, ...) before any model is loaded; return warnings about unusual geometry
     (:func:`volume_io.check_slice_geometry`). ``segment``, ``batch`` and ``measure`` all call it."""
+    warnings = check_slice_geometry(volume)
+    check_slice_content(volume, k)
+    return warnings
+
+
+def check_slice_content(volume: Volume, k: int) -> None:
+    """The per-slice half of :func:`check_slice` (its pixels and its plane, not the volume's geometry), for a
+    caller that checked the volume once and goes through several of its slices."""
     from .errors import NonAxialSliceError
     from .preprocessing import canonical_orientation, slice_geometry_from_volume
 
-    warnings = check_slice_geometry(volume)
     where = f"slice {k} of '{volume.name}'"
     validate_slice(volume.array[k], where)
     try:  # the segmenter's own test (more than 30 degrees off axial), here so it refuses before the model loads
         canonical_orientation(slice_geometry_from_volume(volume.ijk_to_ras, k))
     except NonAxialSliceError as exc:
         raise NonAxialSliceError(f"{where}: {exc}") from None
-    return warnings
 
 
 def output_paths(folder: str | os.PathLike, name: str) -> dict[str, Path]:

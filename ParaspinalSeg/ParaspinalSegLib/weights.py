@@ -321,7 +321,6 @@ def _refuse_non_weights_path(given: Path, json_path: Path) -> None:
                            ".safetensors file of the same name, written by the trainer")
 
 
-
 def _check_model_input(mi: Mapping[str, Any], json_path: Path) -> None:
     size, spacing = mi.get("size"), mi.get("spacing_mm")
     if not isinstance(size, int) or size < 16:
